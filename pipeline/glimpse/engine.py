@@ -1,0 +1,362 @@
+"""Batched GlimpsePrune inference on Qwen2.5-VL: prefill with a glimpse, prune, decode on the pruned cache.
+
+The engine drives transformers' own modules (vision tower, decoder layers, rotary embedding,
+rope index) and owns only what the method changes: the glimpse token, the attention read-out at
+the selected layers, the VIP, and the shortened sequences and KV cache after the pruning layer.
+Baseline mode (no modules, or prune=False) runs the same code without the glimpse.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb, repeat_kv
+
+from pipeline.glimpse.cache import PrunableKVCache
+from pipeline.glimpse.masks import attention_mask
+from pipeline.glimpse.modules import GlimpseModules
+from pipeline.glimpse.prompts import PreparedPrompt, PromptBuilder
+from pipeline.glimpse.sampling import SamplingParams, make_generator, next_tokens
+from pipeline.glimpse.selection import SelectionOptions, select_tokens
+from pipeline.glimpse.vision import encode_images
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Request:
+    """One question about one or more images."""
+
+    id: str
+    images: list[Image.Image]
+    question: str
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class Result:
+    """What a request got, and what it cost. Timings are those of the batch it ran in:
+    prefill_s is the batch's prefill, decode_s the batch's decode time until this request finished."""
+
+    id: str
+    answer: str
+    new_tokens: list[int]
+    finish_reason: str  # "stop" (an end-of-sequence token) or "length" (max_new_tokens reached)
+    pruned: bool
+    n_visual_tokens: int
+    n_visual_kept: int
+    n_prompt_tokens: int
+    n_prompt_tokens_kept: int
+    n_generated_tokens: int
+    prefill_s: float
+    decode_s: float
+    kept_mask: list[int] | None = None
+
+
+@dataclass
+class _Prefill:
+    """State after prefill, rows in batch order. logits [B, vocab]; valid [B, T] (False at padding);
+    next_pos [3, B] the position of the first new token; kept: per row, a keep mask over its visual tokens."""
+
+    logits: torch.Tensor
+    cache: PrunableKVCache
+    valid: torch.Tensor
+    next_pos: torch.Tensor
+    kept: list[torch.Tensor]
+
+
+class GlimpseEngine:
+    """Answers batches of requests with one model loaded once."""
+
+    def __init__(
+        self,
+        model,
+        prompts: PromptBuilder,
+        modules: GlimpseModules | None = None,
+        selection: SelectionOptions | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.prompts = prompts
+        self.modules = modules.to(device=model.device, dtype=model.dtype).eval() if modules is not None else None
+        glimpse = modules.config if modules is not None else None
+        self.selection = selection or SelectionOptions(
+            threshold=glimpse.reduce_threshold if glimpse else 0.5,
+            max_keep_ratio=glimpse.max_remain_ratio if glimpse else None,
+            min_kept=glimpse.min_remain_num if glimpse else 1,
+        )
+        config = model.config
+        self.text_config = getattr(config, "text_config", config)
+        self.image_token_id = config.image_token_id
+        self.merge_unit = config.vision_config.spatial_merge_size**2
+        self.attn_implementation = self.text_config._attn_implementation or "sdpa"
+        self.pad_token_id = prompts.tokenizer.pad_token_id or 0
+        self.eos_token_ids = _eos_ids(model, prompts.tokenizer)
+        self.language_model = model.model.language_model
+        self.glimpse_embeddings = None
+        if self.modules is not None:
+            with torch.inference_mode():
+                self.glimpse_embeddings = self.modules.glimpse_embeddings()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | Path,
+        glimpse: str | Path | None = None,
+        *,
+        dtype: str = "float32",
+        device: str = "cpu",
+        attn_implementation: str = "sdpa",
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        selection: SelectionOptions | None = None,
+    ) -> GlimpseEngine:
+        """Loads a Qwen2.5-VL checkpoint (hub id or local directory) and, optionally, glimpse modules."""
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        loaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            model, dtype=DTYPES[dtype], attn_implementation=attn_implementation, use_safetensors=True
+        ).to(device)
+        modules = GlimpseModules.load(glimpse, loaded.config) if glimpse is not None else None
+        prompts = PromptBuilder.from_pretrained(model, loaded.config, min_pixels=min_pixels, max_pixels=max_pixels)
+        return cls(loaded, prompts, modules, selection)
+
+    @property
+    def can_prune(self) -> bool:
+        return self.modules is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def prepare(self, request: Request) -> PreparedPrompt:
+        return self.prompts(request.images, request.question)
+
+    def generate(
+        self, requests: list[Request], *, prune: bool = True, emit_masks: bool = False, batch_size: int = 8
+    ) -> list[Result]:
+        """Answers `requests` in order, `batch_size` at a time."""
+        results = []
+        for start in range(0, len(requests), batch_size):
+            chunk = requests[start : start + batch_size]
+            results.extend(self.generate_prepared(chunk, [self.prepare(r) for r in chunk], prune, emit_masks))
+        return results
+
+    @torch.inference_mode()
+    def generate_prepared(
+        self, requests: list[Request], prompts: list[PreparedPrompt], prune: bool = True, emit_masks: bool = False
+    ) -> list[Result]:
+        """One batch: prefill (pruned when `prune` and modules are loaded), then decode."""
+        prune = prune and self.can_prune
+        started = time.perf_counter()
+        state = self._prefill(prompts, prune)
+        prefill_s = time.perf_counter() - started
+        tokens, reasons, decode_s = self._decode(state, [r.sampling for r in requests])
+        results = []
+        for row, (request, prompt) in enumerate(zip(requests, prompts)):
+            n_visual = int((prompt.input_ids == self.image_token_id).sum())
+            n_kept = int(state.kept[row].sum())
+            results.append(
+                Result(
+                    id=request.id,
+                    answer=self.prompts.tokenizer.decode(tokens[row], skip_special_tokens=True),
+                    new_tokens=tokens[row],
+                    finish_reason=reasons[row],
+                    pruned=prune,
+                    n_visual_tokens=n_visual,
+                    n_visual_kept=n_kept,
+                    n_prompt_tokens=len(prompt.input_ids),
+                    n_prompt_tokens_kept=len(prompt.input_ids) - n_visual + n_kept,
+                    n_generated_tokens=len(tokens[row]),
+                    prefill_s=prefill_s,
+                    decode_s=decode_s[row],
+                    kept_mask=state.kept[row].int().tolist() if emit_masks and prune else None,
+                )
+            )
+        return results
+
+    # ---- prefill -------------------------------------------------------------------------------
+
+    def _embed(self, prompts: list[PreparedPrompt]):
+        """Left-padded batch: input embeddings [B, T, H], positions [3, B, T], valid [B, T], image [B, T]."""
+        length = max(len(p.input_ids) for p in prompts)
+        ids = torch.full((len(prompts), length), self.pad_token_id, dtype=torch.long)
+        valid = torch.zeros((len(prompts), length), dtype=torch.bool)
+        for row, p in enumerate(prompts):
+            ids[row, length - len(p.input_ids) :] = p.input_ids
+            valid[row, length - len(p.input_ids) :] = True
+        ids, valid = ids.to(self.device), valid.to(self.device)
+        image = (ids == self.image_token_id) & valid
+        grid = torch.cat([p.image_grid_thw for p in prompts]).to(self.device)
+        vision = encode_images(
+            self.model.model.visual,
+            torch.cat([p.pixel_values for p in prompts]).to(self.device),
+            grid,
+            self.modules.config.selected_visual_layers if self.modules is not None else [],
+        )
+        if int(image.sum()) != vision.merged.shape[0]:
+            raise ValueError(f"{int(image.sum())} image tokens but {vision.merged.shape[0]} image features")
+        embeds = self.language_model.embed_tokens(ids)
+        embeds[image] = vision.merged.to(embeds.dtype)
+        # transformers 5.x needs mm_token_type_ids for M-RoPE; without it positions are silently 1-D.
+        positions, _ = self.model.model.get_rope_index(
+            ids, mm_token_type_ids=image.int(), image_grid_thw=grid, attention_mask=valid.long()
+        )
+        return embeds, positions, valid, image, vision, grid
+
+    def _prefill(self, prompts: list[PreparedPrompt], prune: bool) -> _Prefill:
+        embeds, positions, valid, image, vision, grid = self._embed(prompts)
+        layers = self.language_model.layers
+        cache = PrunableKVCache(len(layers))
+        if not prune:
+            hidden = self._run_layers(range(len(layers)), embeds, positions, valid, cache)
+            kept = [torch.ones(int(n), dtype=torch.bool, device=self.device) for n in image.sum(dim=1)]
+            return self._finish_prefill(hidden, positions, valid, cache, kept)
+
+        glimpse = self.modules.config
+        batch = embeds.shape[0]
+        # The glimpse token goes after the last prompt token, at the next position on all three axes.
+        embeds = torch.cat([embeds, self.glimpse_embeddings[0].expand(batch, 1, -1)], dim=1)
+        positions = torch.cat([positions, positions[:, :, -1:] + 1], dim=2)
+        valid = torch.cat([valid, valid.new_ones(batch, 1)], dim=1)
+        image = torch.cat([image, image.new_zeros(batch, 1)], dim=1)
+        reads = []
+        hidden = self._run_layers(range(glimpse.reduce_layer + 1), embeds, positions, valid, cache, reads)
+
+        feats = torch.stack(reads, dim=2).flatten(2)  # (B, T, layers·heads), layer-major
+        logits = self.modules.attn_fuser(
+            feats[image].to(self.modules.attn_fuser.attn_in_proj.weight.dtype),
+            vision.selected,
+            [(int(h) // 2, int(w) // 2) for _, h, w in grid.tolist()],
+        )
+        kept = [select_tokens(row_logits, self.selection) for row_logits in logits.split(image.sum(1).tolist())]
+
+        # Drop the glimpse token and the pruned visual tokens; kept tokens keep their positions.
+        keep = valid.clone()
+        keep[:, -1] = False
+        keep[image] = torch.cat(kept)
+        index, valid = _left_packed(keep)
+        cache.gather_columns(index, range(glimpse.reduce_layer + 1))
+        hidden = hidden.gather(1, index[:, :, None].expand(-1, -1, hidden.shape[-1]))
+        positions = positions.gather(2, index[None].expand(3, -1, -1))
+        hidden = self._run_layers(
+            range(glimpse.reduce_layer + 1, len(layers)), hidden, positions, valid, cache, add_glimpse=False
+        )
+        return self._finish_prefill(hidden, positions, valid, cache, kept)
+
+    def _run_layers(self, indices, hidden, positions, valid, cache, reads=None, add_glimpse=True):
+        """Runs decoder layers `indices` over the whole sequence. With `reads`, appends the glimpse
+        token's attention logits [B, heads, T] at each selected layer; with glimpse modules loaded and
+        `add_glimpse`, adds g_l to the last (glimpse) position before each layer l > 0 in le_layers."""
+        rotary = self.language_model.rotary_emb(hidden, positions)
+        mask = attention_mask(valid, hidden.shape[1], self.attn_implementation, hidden.dtype)
+        selected = self.modules.config.selected_layers if reads is not None else ()
+        for i in indices:
+            layer = self.language_model.layers[i]
+            if add_glimpse and reads is not None and i > 0 and i in self.glimpse_embeddings:
+                hidden[:, -1] += self.glimpse_embeddings[i]
+            query = self._glimpse_query(layer, hidden, rotary) if i in selected else None
+            hidden = _layer_output(
+                layer(hidden, attention_mask=mask, position_embeddings=rotary, past_key_values=cache)
+            )
+            if query is not None:
+                reads.append(self._glimpse_logits(layer, query, cache.layer(i)[0], valid))
+        return hidden
+
+    def _glimpse_query(self, layer, hidden, rotary):
+        """The glimpse token's query at `layer`, after RoPE: [B, heads, 1, head_dim]."""
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden[:, -1:])
+        query = attn.q_proj(x).view(x.shape[0], 1, -1, attn.head_dim).transpose(1, 2)
+        cos, sin = (r[:, -1:] for r in rotary)
+        return apply_rotary_pos_emb(query, query, cos, sin)[0]
+
+    def _glimpse_logits(self, layer, query, keys, valid):
+        """q·k/sqrt(d) of the glimpse query against every key (GQA heads repeated): [B, heads, T].
+        Raw logits with use_attention_logits, else log-softmax over the valid keys."""
+        attn = layer.self_attn
+        keys = repeat_kv(keys, attn.num_key_value_groups)
+        scores = (query @ keys.transpose(-1, -2))[:, :, 0] / math.sqrt(attn.head_dim)
+        if not self.modules.config.use_attention_logits:
+            scores = scores.masked_fill(~valid[:, None], float("-inf")).log_softmax(dim=-1)
+        return scores.transpose(1, 2)  # (B, T, heads)
+
+    def _finish_prefill(self, hidden, positions, valid, cache, kept) -> _Prefill:
+        logits = self.model.lm_head(self.language_model.norm(hidden[:, -1]))
+        return _Prefill(logits=logits, cache=cache, valid=valid, next_pos=positions[:, :, -1] + 1, kept=kept)
+
+    # ---- decode --------------------------------------------------------------------------------
+
+    def _decode(self, state: _Prefill, params: list[SamplingParams]):
+        """Generates on the pruned cache; a finished row leaves the batch. Returns per row:
+        new token ids, finish reason, decode seconds until it finished."""
+        started = time.perf_counter()
+        batch = len(params)
+        tokens: list[list[int]] = [[] for _ in range(batch)]
+        reasons = ["length"] * batch
+        seconds = [0.0] * batch
+        generators = [make_generator(p.seed, self.device) if not p.greedy else None for p in params]
+        rows = list(range(batch))  # batch row → request index
+        cache, valid, next_pos = state.cache, state.valid, state.next_pos
+        cache.reserve(max(p.max_new_tokens for p in params))
+        chosen = next_tokens(state.logits, [params[r] for r in rows], [generators[r] for r in rows])
+        while True:
+            still = []
+            for slot, (r, token) in enumerate(zip(rows, chosen.tolist())):
+                tokens[r].append(token)
+                if token in self.eos_token_ids:
+                    reasons[r] = "stop"
+                if token in self.eos_token_ids or len(tokens[r]) >= params[r].max_new_tokens:
+                    seconds[r] = time.perf_counter() - started
+                else:
+                    still.append(slot)
+            if not still:
+                return tokens, reasons, seconds
+            if len(still) < len(rows):
+                keep = torch.tensor(still, device=self.device)
+                cache.select_rows(keep)
+                valid, next_pos, chosen = valid[keep], next_pos[:, keep], chosen[keep]
+                rows = [rows[s] for s in still]
+            valid = torch.cat([valid, valid.new_ones(len(rows), 1)], dim=1)
+            hidden = self.language_model.embed_tokens(chosen[:, None])
+            positions = next_pos[:, :, None]
+            rotary = self.language_model.rotary_emb(hidden, positions)
+            mask = attention_mask(valid, 1, self.attn_implementation, hidden.dtype)
+            for layer in self.language_model.layers:
+                hidden = _layer_output(
+                    layer(hidden, attention_mask=mask, position_embeddings=rotary, past_key_values=cache)
+                )
+            logits = self.model.lm_head(self.language_model.norm(hidden[:, -1]))
+            next_pos = next_pos + 1
+            chosen = next_tokens(logits, [params[r] for r in rows], [generators[r] for r in rows])
+
+
+def _layer_output(output):
+    """Decoder layers return a tensor in transformers 5.x and a tuple before."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _left_packed(keep: torch.Tensor):
+    """keep [B, T] bool → (index [B, T'] of kept columns, left-padded; valid [B, T'])."""
+    counts = keep.sum(dim=1)
+    width = int(counts.max())
+    valid = torch.arange(width, device=keep.device)[None, :] >= (width - counts)[:, None]
+    # Stable sort puts dropped columns first and kept ones after, in order; take the last `width`.
+    # The padding slots of a shorter row point at dropped columns: finite values, masked out.
+    return torch.sort(keep.int(), dim=1, stable=True).indices[:, -width:], valid
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    if configured is not None:
+        ids.update(configured if isinstance(configured, list) else [configured])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

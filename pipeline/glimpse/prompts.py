@@ -1,0 +1,84 @@
+"""Model inputs from images and a question: the model's chat template and the PIL image processor.
+
+`AutoProcessor` is not used: its video processor needs torchvision, which these machines lack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from pipeline.glimpse.errors import RequestError
+
+
+def pil_image_processor_class():
+    """Qwen2-VL's PIL-backed image processor (the default class needs torchvision)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil
+
+
+@dataclass
+class PreparedPrompt:
+    """One request's model inputs. input_ids [T] with each image pad expanded to its merged tokens;
+    pixel_values [P, C·t·p·p] patches of all its images; image_grid_thw [n_images, 3]."""
+
+    input_ids: torch.Tensor
+    pixel_values: torch.Tensor
+    image_grid_thw: torch.Tensor
+
+
+class PromptBuilder:
+    """Builds the prompt of one user turn (images, then the question) plus the generation prompt."""
+
+    def __init__(self, tokenizer, image_processor, image_token_id: int, merge_size: int) -> None:
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.image_token_id = image_token_id
+        self.merge_size = merge_size
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, model_config, min_pixels=None, max_pixels=None) -> PromptBuilder:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        overrides = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+        image_processor = pil_image_processor_class().from_pretrained(model_dir, **overrides)
+        if overrides:
+            # `size` is what the processor resizes by; keep it in step with min/max pixels.
+            image_processor.size = {
+                "shortest_edge": overrides.get("min_pixels", image_processor.size["shortest_edge"]),
+                "longest_edge": overrides.get("max_pixels", image_processor.size["longest_edge"]),
+            }
+        return cls(
+            tokenizer, image_processor, model_config.image_token_id, model_config.vision_config.spatial_merge_size
+        )
+
+    def text(self, n_images: int, question: str) -> str:
+        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": question}]
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
+
+    def __call__(self, images: list[Image.Image], question: str) -> PreparedPrompt:
+        if not images:
+            raise RequestError("a request needs at least one image")
+        try:
+            vision = self.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
+        except ValueError as e:  # e.g. an aspect ratio over 200 that cannot be resized to patches
+            sizes = [im.size for im in images]
+            raise RequestError(f"image(s) of size {sizes} cannot be prepared: {e}") from e
+        grid = vision["image_grid_thw"]
+        ids = self.tokenizer(self.text(len(images), question), add_special_tokens=False)["input_ids"]
+        per_image = (grid.prod(-1) // self.merge_size**2).tolist()
+        if ids.count(self.image_token_id) != len(per_image):
+            raise RequestError(
+                f"the chat template produced {ids.count(self.image_token_id)} image pads for {len(per_image)} images"
+            )
+        expanded, counts = [], iter(per_image)
+        for token in ids:
+            expanded.extend([token] * next(counts) if token == self.image_token_id else [token])
+        return PreparedPrompt(torch.tensor(expanded, dtype=torch.long), vision["pixel_values"], grid)

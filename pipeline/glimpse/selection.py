@@ -1,0 +1,42 @@
+"""Which visual tokens a sample keeps, from the VIP's logits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SelectionOptions:
+    """threshold on sigmoid(logit); max_keep_ratio caps the kept share (None: no cap); min_kept floors the count."""
+
+    threshold: float = 0.5
+    max_keep_ratio: float | None = None
+    min_kept: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+        if self.max_keep_ratio is not None and not 0.0 < self.max_keep_ratio <= 1.0:
+            raise ValueError(f"max_keep_ratio must be in (0, 1], got {self.max_keep_ratio}")
+        if self.min_kept < 0:
+            raise ValueError(f"min_kept must be >= 0, got {self.min_kept}")
+
+
+def select_tokens(logits: torch.Tensor, options: SelectionOptions) -> torch.Tensor:
+    """logits [N] of one sample (all its images) → keep mask [N] bool."""
+    probs = logits.float().sigmoid()
+    n = probs.numel()
+    keep = probs > options.threshold
+    if options.max_keep_ratio is not None and int(keep.sum()) > options.max_keep_ratio * n:
+        keep = _top(probs, max(1, min(n, int(options.max_keep_ratio * n))))
+    if int(keep.sum()) < options.min_kept:
+        keep |= _top(probs, min(n, options.min_kept))
+    return keep
+
+
+def _top(probs: torch.Tensor, k: int) -> torch.Tensor:
+    mask = torch.zeros_like(probs, dtype=torch.bool)
+    mask[torch.topk(probs, k).indices] = True
+    return mask

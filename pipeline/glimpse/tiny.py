@@ -1,0 +1,216 @@
+"""Writes a tiny random-weight Qwen2.5-VL checkpoint (and glimpse modules) for tests and the demo.
+
+No download is possible where this project is tested, so the tokenizer is trained here on a small
+built-in text, and weights are random but seeded: the text is meaningless, the arithmetic is real.
+
+    python -m pipeline.glimpse.tiny --out DIR [--seed N] [--no-glimpse]
+
+writes DIR/base (the Hugging Face layout) and DIR/glimpse (the published module format).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif part['type'] == 'text' %}{{ part['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "what is in the picture",
+    "describe the image in detail",
+    "how many people are there",
+    "answer with a single word",
+    "the color of the car is red blue green yellow black white",
+    "a cat sits on a mat next to a dog",
+    "where is the cat",
+    "a photo of a street with cars and people",
+    "the sky is blue and the grass is green",
+    "is there a person in this image yes no",
+    "what does the sign say",
+    "a small house by the lake under the mountains",
+]
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Sizes of the tiny model; the defaults match the shared glimpse-tiny fixture's shape."""
+
+    layers: int = 4
+    hidden: int = 64
+    heads: int = 4
+    kv_heads: int = 2
+    vision_depth: int = 4
+    vision_hidden: int = 32
+    vocab_size: int = 400
+    seed: int = 0
+
+
+def build_tokenizer(vocab_size: int):
+    """A byte-level BPE tokenizer with Qwen's special tokens (ids 0..6) and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+    )
+    wrapped.chat_template = CHAT_TEMPLATE
+    return wrapped
+
+
+def build_model(spec: TinySpec, vocab_size: int):
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    half = spec.hidden // spec.heads // 2
+    # M-RoPE splits the rotary half-dim over (t, h, w) as Qwen does: 1/4, 3/8, 3/8.
+    t = half // 4
+    h = (half - t) // 2
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=spec.hidden,
+            intermediate_size=2 * spec.hidden,
+            num_hidden_layers=spec.layers,
+            num_attention_heads=spec.heads,
+            num_key_value_heads=spec.kv_heads,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [t, h, half - t - h],
+            },
+            bos_token_id=0,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+        vision_config=dict(
+            depth=spec.vision_depth,
+            hidden_size=spec.vision_hidden,
+            intermediate_size=2 * spec.vision_hidden,
+            num_heads=2,
+            out_hidden_size=spec.hidden,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[1, spec.vision_depth - 1],
+            in_channels=3,
+        ),
+        image_token_id=5,
+        video_token_id=6,
+        vision_start_token_id=3,
+        vision_end_token_id=4,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(spec.seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = 2
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def build_glimpse_modules(model_config, seed: int):
+    """Random glimpse modules shaped like the published ones, for this model."""
+    import torch
+
+    from pipeline.glimpse.config import GlimpseConfig
+    from pipeline.glimpse.modules import GlimpseModules
+
+    text = model_config.text_config
+    reduce_layer = max(0, text.num_hidden_layers - 2)
+    depth = model_config.vision_config.depth
+    raw = model_config.to_dict()
+    raw.update(
+        selected_layers=[reduce_layer],
+        reduce_layer=reduce_layer,
+        le_layers=list(range(text.num_hidden_layers)),
+        selected_visual_layers=sorted({depth - 1, depth // 2 - 1}, reverse=True),
+        le_length=1,
+        le_norm_type="rmsnorm",
+        use_attention_logits=True,
+        attn_fuse_type="AttnFuserV1",
+        attn_fuse_size=32,
+        visual_cond_size=32,
+        attn_fuse_num_heads=4,
+        attn_fuse_hidden_act="silu",
+        attn_fuse_global=True,
+        deep_supervision=False,
+        reduce_threshold=0.5,
+        min_remain_num=1,
+        max_remain_ratio=None,
+    )
+    torch.manual_seed(seed + 1)
+    modules = GlimpseModules(GlimpseConfig.from_dict(raw))
+    torch.nn.init.normal_(modules.learnable_embeddings, 0.0, 0.02)
+    return modules
+
+
+def write_tiny_checkpoint(out: str | Path, spec: TinySpec = TinySpec(), with_glimpse: bool = True) -> Path:
+    """Writes out/base (and out/glimpse); returns `out`. Same spec, same files."""
+    from pipeline.glimpse.prompts import pil_image_processor_class
+
+    out = Path(out)
+    base = out / "base"
+    tokenizer = build_tokenizer(spec.vocab_size)
+    model = build_model(spec, len(tokenizer))
+    model.save_pretrained(base, safe_serialization=True)
+    tokenizer.save_pretrained(base)
+    pil_image_processor_class()(
+        min_pixels=3136,
+        max_pixels=200704,
+        size={"shortest_edge": 3136, "longest_edge": 200704},
+        patch_size=14,
+        merge_size=2,
+        temporal_patch_size=2,
+    ).save_pretrained(base)
+    if with_glimpse:
+        build_glimpse_modules(model.config, spec.seed).save(out / "glimpse")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.glimpse.tiny", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="directory to write base/ and glimpse/ into")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument("--no-glimpse", action="store_true", help="write the base checkpoint only")
+    args = parser.parse_args(argv)
+    path = write_tiny_checkpoint(args.out, TinySpec(seed=args.seed), with_glimpse=not args.no_glimpse)
+    print(f"tiny checkpoint written to {path}")
+
+
+if __name__ == "__main__":
+    main()

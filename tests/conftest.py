@@ -1,0 +1,46 @@
+"""Shared test fixtures: the golden glimpse-tiny checkpoint and locally built tiny checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+FIXTURE = Path(__file__).parent / "fixtures" / "glimpse-tiny"
+
+
+def fixture_cases() -> list[dict]:
+    """expected.json entries: {"case": {...}, "glimpse": {...}, "baseline": {...}}."""
+    return json.loads((FIXTURE / "expected.json").read_text())
+
+
+def fixture_requests(max_new_tokens: int = 8):
+    from pipeline.glimpse.engine import Request
+    from pipeline.glimpse.sampling import SamplingParams
+
+    return [
+        Request(
+            id=e["case"]["id"],
+            images=[Image.open(FIXTURE / p).copy() for p in e["case"]["images"]],
+            question=e["case"]["question"],
+            sampling=SamplingParams(max_new_tokens=max_new_tokens),
+        )
+        for e in fixture_cases()
+    ]
+
+
+@pytest.fixture(scope="session")
+def fixture_engine():
+    from pipeline.glimpse.engine import GlimpseEngine
+
+    return GlimpseEngine.from_pretrained(FIXTURE / "base", FIXTURE / "glimpse")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny checkpoint built by our helper, unlike the fixture: 3 layers, 1 KV head, another seed."""
+    from pipeline.glimpse.tiny import TinySpec, write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), TinySpec(layers=3, kv_heads=1, seed=7))

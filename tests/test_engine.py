@@ -1,0 +1,173 @@
+"""Engine behaviour beyond the fixture: baseline parity with transformers, options, sampling, stopping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.glimpse.engine import GlimpseEngine, Request
+from pipeline.glimpse.errors import ModuleMismatchError, RequestError
+from pipeline.glimpse.modules import GlimpseModules
+from pipeline.glimpse.sampling import SamplingParams
+from pipeline.glimpse.selection import SelectionOptions
+from tests.conftest import FIXTURE, fixture_cases, fixture_requests
+
+
+def noise_image(height: int, width: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_checkpoint):
+    return GlimpseEngine.from_pretrained(tiny_checkpoint / "base", tiny_checkpoint / "glimpse")
+
+
+def mixed_requests():
+    """Mixed image sizes, one request with two images, different answer lengths."""
+    return [
+        Request("one", [noise_image(100, 140, 0)], "what is in the picture", SamplingParams(max_new_tokens=12)),
+        Request(
+            "two", [noise_image(60, 60, 1), noise_image(200, 90, 2)], "describe", SamplingParams(max_new_tokens=10)
+        ),
+        Request("small", [noise_image(3, 5, 3)], "where is the cat", SamplingParams(max_new_tokens=5)),
+    ]
+
+
+def hf_generate(engine, request):
+    prompt = engine.prepare(request)
+    ids = prompt.input_ids[None]
+    out = engine.model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        pixel_values=prompt.pixel_values,
+        image_grid_thw=prompt.image_grid_thw,
+        mm_token_type_ids=(ids == engine.image_token_id).int(),
+        max_new_tokens=request.sampling.max_new_tokens,
+        do_sample=False,
+    )
+    return out[0, ids.shape[1] :].tolist()
+
+
+def test_baseline_equals_transformers_generate(tiny_engine):
+    requests = mixed_requests()
+    ours = tiny_engine.generate(requests, prune=False, batch_size=len(requests))
+    for request, result in zip(requests, ours):
+        assert result.new_tokens == hf_generate(tiny_engine, request), request.id
+        assert result.n_visual_kept == result.n_visual_tokens
+        assert result.n_prompt_tokens_kept == result.n_prompt_tokens
+
+
+def test_two_images_and_tiny_image_are_answered_the_same_alone_and_batched(tiny_engine):
+    requests = mixed_requests()
+    batched = tiny_engine.generate(requests, prune=True, emit_masks=True, batch_size=3)
+    alone = tiny_engine.generate(requests, prune=True, emit_masks=True, batch_size=1)
+    for a, b in zip(batched, alone):
+        assert (a.new_tokens, a.kept_mask) == (b.new_tokens, b.kept_mask)
+    two = batched[1]
+    # 60x60 → 56x56 → 2x2 merged; 200x90 → 196x84 → 7x3 merged.
+    assert two.n_visual_tokens == 4 + 21 == len(two.kept_mask)
+    small = batched[2]
+    assert small.n_visual_tokens >= 1 and small.n_generated_tokens == 5
+    assert 1 <= small.n_visual_kept <= small.n_visual_tokens
+
+
+def test_max_keep_ratio_keeps_the_top_share(fixture_engine):
+    c2 = fixture_requests()[1]
+    full = fixture_engine.generate([c2], emit_masks=True)[0]
+    assert full.n_visual_kept == 92
+    fixture_engine.selection = SelectionOptions(threshold=0.5, max_keep_ratio=0.25, min_kept=1)
+    try:
+        capped = fixture_engine.generate([c2], emit_masks=True)[0]
+    finally:
+        fixture_engine.selection = SelectionOptions(threshold=0.5, max_keep_ratio=None, min_kept=1)
+    assert capped.n_visual_kept == int(0.25 * 99)
+    assert all(f >= c for f, c in zip(full.kept_mask, capped.kept_mask))  # the top share of what passed
+
+
+def test_min_kept_adds_the_most_likely_tokens(fixture_engine):
+    c1 = fixture_requests()[0]
+    assert fixture_engine.generate([c1], emit_masks=True)[0].n_visual_kept == 1
+    fixture_engine.selection = SelectionOptions(threshold=0.5, max_keep_ratio=None, min_kept=5)
+    try:
+        result = fixture_engine.generate([c1], emit_masks=True)[0]
+    finally:
+        fixture_engine.selection = SelectionOptions(threshold=0.5, max_keep_ratio=None, min_kept=1)
+    assert result.n_visual_kept == 5
+    assert result.kept_mask[fixture_cases()[0]["glimpse"]["kept_masks"][0].index(1)] == 1
+    assert result.n_prompt_tokens_kept == result.n_prompt_tokens - 64 + 5
+
+
+def test_modules_for_another_model_fail_at_load_naming_the_mismatch(tiny_checkpoint):
+    with pytest.raises(ModuleMismatchError, match="num_hidden_layers: modules were built for 4, the model has 3"):
+        GlimpseEngine.from_pretrained(tiny_checkpoint / "base", FIXTURE / "glimpse")
+
+
+def test_modules_round_trip_in_the_published_format(tmp_path):
+    loaded = GlimpseModules.load(FIXTURE / "glimpse")
+    loaded.save(tmp_path)
+    again = GlimpseModules.load(tmp_path)
+    original = torch.load(FIXTURE / "glimpse" / "new_modules_gp.pt", weights_only=True)
+    saved = torch.load(tmp_path / "new_modules_gp.pt", weights_only=True)
+    assert set(saved) == set(original)
+    for name in ("le_proj", "le_norm", "attn_fuser"):
+        assert saved[name].keys() == original[name].keys()
+        assert all(torch.equal(saved[name][k], original[name][k]) for k in original[name])
+    assert torch.equal(again.learnable_embeddings, loaded.learnable_embeddings)
+    assert again.config.to_dict() == loaded.config.to_dict()
+
+
+def test_end_of_sequence_stops_a_row_while_others_go_on(fixture_engine):
+    c1, c2 = fixture_requests()[:2]  # greedy answers start [90, ...] and [227, 146, 90, ...]
+    saved = fixture_engine.eos_token_ids
+    fixture_engine.eos_token_ids = {90}
+    try:
+        r1, r2 = fixture_engine.generate([c1, c2], batch_size=2)
+    finally:
+        fixture_engine.eos_token_ids = saved
+    assert (r1.new_tokens, r1.finish_reason) == ([90], "stop")
+    assert (r2.new_tokens, r2.finish_reason) == ([227, 146, 90], "stop")
+    assert r1.decode_s <= r2.decode_s
+
+
+def test_max_new_tokens_per_request(fixture_engine):
+    requests = fixture_requests()[:2]
+    requests[0].sampling = SamplingParams(max_new_tokens=3)
+    r1, r2 = fixture_engine.generate(requests, batch_size=2)
+    assert r1.new_tokens == fixture_cases()[0]["glimpse"]["new_tokens"][:3] and r1.finish_reason == "length"
+    assert r2.new_tokens == fixture_cases()[1]["glimpse"]["new_tokens"]
+
+
+def test_sampling_is_seeded_per_request(tiny_engine):
+    def sampled(seed):
+        return Request(
+            "s",
+            [noise_image(80, 80, 5)],
+            "describe",
+            SamplingParams(max_new_tokens=10, temperature=1.5, top_p=0.95, seed=seed),
+        )
+
+    alone = tiny_engine.generate([sampled(1)])[0].new_tokens
+    in_batch = tiny_engine.generate([mixed_requests()[0], sampled(1), sampled(2)], batch_size=3)
+    assert in_batch[1].new_tokens == alone
+    assert in_batch[2].new_tokens != alone
+    greedy = tiny_engine.generate([mixed_requests()[0]])[0]
+    assert in_batch[0].new_tokens == greedy.new_tokens
+
+
+def test_a_request_without_images_is_refused(tiny_engine):
+    with pytest.raises(RequestError, match="at least one image"):
+        tiny_engine.generate([Request("none", [], "hello")])
+
+
+def test_an_unresizable_image_is_refused_with_its_size(tiny_engine):
+    with pytest.raises(RequestError, match=r"\(3000, 10\)"):
+        tiny_engine.generate([Request("thin", [noise_image(10, 3000, 0)], "hello")])
+
+
+def test_min_and_max_pixels_change_the_grid(tiny_checkpoint):
+    small = GlimpseEngine.from_pretrained(tiny_checkpoint / "base", max_pixels=56 * 56)
+    prompt = small.prepare(Request("x", [noise_image(400, 400, 0)], "q"))
+    assert prompt.image_grid_thw.tolist() == [[1, 4, 4]]
