@@ -202,6 +202,30 @@ def write_tiny_checkpoint(out: str | Path, spec: TinySpec = TinySpec(), with_gli
     return out
 
 
+def ensure_tiny_checkpoint(out: str | Path, spec: TinySpec = TinySpec()) -> Path:
+    """The tiny checkpoint at `out`, built there first if missing. Safe when several processes race
+    (Ray workers on one node): each builds in a private folder and the first rename wins; the spec
+    is seeded, so every build is the same."""
+    import os
+    import shutil
+    import tempfile
+
+    out = Path(out)
+    if (out / "glimpse" / "new_modules_gp.pt").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        write_tiny_checkpoint(scratch, spec)
+        os.replace(scratch, out)
+    except OSError:
+        if not (out / "glimpse" / "new_modules_gp.pt").exists():
+            raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.glimpse.tiny", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="directory to write base/ and glimpse/ into")

@@ -1,0 +1,1 @@
+"""Entry points: `python -m jobs.<name>`. Each parses options and calls pipeline.job."""

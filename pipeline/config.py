@@ -1,0 +1,73 @@
+"""One typed job config: what to read, which model, how to prune, how to batch, where to write.
+
+Loadable from YAML (`--config job.yaml`) and overridable from the command line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pipeline.storage import StorageOptions
+
+DEFAULT_PROMPT = "Describe the image."
+SAMPLES_DIR = Path(__file__).parent / "samples"
+
+
+class JobConfig(BaseModel):
+    """A VQA / captioning job. Exactly one input (manifest, images prefix, dataset) or none: the
+    bundled sample images. No model: a tiny random-weight one is built in `tiny_model_dir`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    manifest: str | None = Field(None, description="Parquet, JSONL or CSV manifest (local path or URI)")
+    images: str | None = Field(None, description="caption every image under this prefix (local or URI)")
+    dataset: str | None = Field(None, description="a `datasets` dataset saved with save_to_disk")
+    image_column: str = Field("image", description="dataset column holding the image")
+    question_column: str = Field("question", description="dataset column holding the question, if any")
+    id_column: str = Field("id", description="dataset column holding the id; absent: the row index")
+    prompt: str = Field(DEFAULT_PROMPT, description="question for rows that have none")
+    output: str = Field("out", description="output directory (local or URI) for Parquet and _summary.json")
+
+    model: str | None = Field(None, description="Qwen2.5-VL checkpoint: hub id or directory; none: tiny demo model")
+    glimpse: str | None = Field(None, description="GlimpsePrune modules directory; none with no model: the tiny ones")
+    prune: bool = Field(True, description="prune with the glimpse modules (false: baseline)")
+    tiny_model_dir: str = Field(".cache/tiny", description="where the demo's tiny model is built")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field("auto", description="auto: bf16 on GPU")
+    attn: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description="attention implementation")
+    threshold: float | None = Field(None, description="keep threshold (default: the modules')")
+    max_keep_ratio: float | None = Field(None, description="keep at most this share of visual tokens")
+    min_kept: int | None = Field(None, description="keep at least this many visual tokens")
+    max_new_tokens: int = Field(64, ge=1, description="answer length for rows that set none")
+    min_pixels: int | None = Field(None, description="image processor min_pixels (default: checkpoint's)")
+    max_pixels: int | None = Field(None, description="image processor max_pixels (default: checkpoint's)")
+    max_image_bytes: int = Field(64 << 20, ge=1, description="objects larger than this are refused unread")
+
+    batch_size: int = Field(8, ge=1, description="requests per engine batch")
+    num_actors: int = Field(1, ge=1, description="inference actors (one engine each)")
+    gpus_per_actor: float | None = Field(None, ge=0, description="none: 1 when the cluster has GPUs, else 0")
+    prepare_batch_size: int = Field(16, ge=1, description="rows per CPU preparation task")
+    prepare_cpus: float = Field(1.0, gt=0, description="CPUs per preparation task")
+
+    storage: StorageOptions = Field(default_factory=StorageOptions, description="S3 options")
+
+    @model_validator(mode="after")
+    def one_input(self) -> JobConfig:
+        given = [name for name in ("manifest", "images", "dataset") if getattr(self, name)]
+        if len(given) > 1:
+            raise ValueError(f"give one input, not {given}")
+        if self.glimpse and not self.model:
+            raise ValueError("glimpse modules need their model: set model too")
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> JobConfig:
+        import yaml
+
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a mapping of job options")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.model_validate(data)

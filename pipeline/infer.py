@@ -1,0 +1,116 @@
+"""GPU stage: a Ray Data callable class around the engine, loaded once per actor."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.glimpse.engine import GlimpseEngine, Request, Result
+from pipeline.glimpse.prompts import PreparedPrompt
+from pipeline.glimpse.sampling import SamplingParams
+from pipeline.glimpse.selection import SelectionOptions
+from schemas import RESULT_SCHEMA, align
+
+log = logging.getLogger(__name__)
+
+
+def pick_device_and_dtype(dtype: str) -> tuple[str, str]:
+    """cuda + bfloat16 when a GPU is visible, else cpu + float32 (`dtype` other than auto wins)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    return device, dtype
+
+
+class Answerer:
+    """`map_batches` callable: PREPARED_SCHEMA rows → RESULT_SCHEMA rows, one out per row in."""
+
+    def __init__(
+        self,
+        model: str,
+        glimpse: str | None,
+        prune: bool,
+        dtype: str,
+        attn: str,
+        selection: dict,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+    ) -> None:
+        device, dtype = pick_device_and_dtype(dtype)
+        self.engine = GlimpseEngine.from_pretrained(
+            model,
+            glimpse,
+            dtype=dtype,
+            device=device,
+            attn_implementation=attn,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+        )
+        if self.engine.can_prune and selection:
+            defaults = self.engine.selection
+            self.engine.selection = SelectionOptions(
+                threshold=selection.get("threshold", defaults.threshold),
+                max_keep_ratio=selection.get("max_keep_ratio", defaults.max_keep_ratio),
+                min_kept=selection.get("min_kept", defaults.min_kept),
+            )
+        self.prune = prune and self.engine.can_prune
+        self.model_name, self.glimpse_name = model, glimpse if self.prune else None
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        todo = [row for row in rows if row["error"] is None]
+        results = self._answer(todo) if todo else {}
+        return align([self._output(row, results.get(row["id"])) for row in rows], RESULT_SCHEMA)
+
+    def _answer(self, rows: list[dict]) -> dict[str, Result | Exception]:
+        """Answers the rows together; if the batch fails, each row alone, so one bad row fails alone."""
+        requests = [_request(row) for row in rows]
+        prompts = [_prompt(row) for row in rows]
+        try:
+            return {r.id: r for r in self.engine.generate_prepared(requests, prompts, prune=self.prune)}
+        except Exception as e:
+            if len(rows) == 1:
+                log.warning("row %s failed: %s", rows[0]["id"], e)
+                return {rows[0]["id"]: e}
+            log.warning("batch of %d failed (%s); answering its rows one by one", len(rows), e)
+            out = {}
+            for row in rows:
+                out.update(self._answer([row]))
+            return out
+
+    def _output(self, row: dict, result: Result | Exception | None) -> dict:
+        out = {k: row[k] for k in ("id", "images", "question", "error")}
+        out.update(model=self.model_name, glimpse_modules=self.glimpse_name, pruned=self.prune)
+        if isinstance(result, Exception):
+            out["error"] = f"{type(result).__name__}: {result}"
+        elif result is not None:
+            out.update(
+                answer=result.answer,
+                finish_reason=result.finish_reason,
+                n_visual_tokens=result.n_visual_tokens,
+                n_visual_kept=result.n_visual_kept,
+                n_prompt_tokens=result.n_prompt_tokens,
+                n_prompt_tokens_kept=result.n_prompt_tokens_kept,
+                n_generated_tokens=result.n_generated_tokens,
+                prefill_s=result.prefill_s,
+                decode_s=result.decode_s,
+            )
+        return out
+
+
+def _request(row: dict) -> Request:
+    # Images were already turned into pixel values by the CPU stage.
+    return Request(row["id"], [], row["question"], SamplingParams(max_new_tokens=int(row["max_new_tokens"])))
+
+
+def _prompt(row: dict) -> PreparedPrompt:
+    grid = torch.tensor(row["image_grid_thw"], dtype=torch.long).view(-1, 3)
+    pixels = torch.from_numpy(np.frombuffer(row["pixel_values"], dtype=np.float32).copy())
+    return PreparedPrompt(
+        input_ids=torch.tensor(row["input_ids"], dtype=torch.long),
+        pixel_values=pixels.view(int(grid.prod(-1).sum()), -1),
+        image_grid_thw=grid,
+    )

@@ -1,0 +1,112 @@
+"""Job inputs → a Ray Dataset of manifest rows (schemas.MANIFEST_SCHEMA).
+
+Inputs are a registry of named readers: a manifest file (Parquet / JSONL / CSV), every image
+under a prefix, a `datasets` dataset saved on disk, or the bundled sample images.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path, PurePosixPath
+
+import pyarrow as pa
+
+from pipeline.config import SAMPLES_DIR, JobConfig
+from pipeline.storage import filesystem_for, pyarrow_filesystem
+from schemas import MANIFEST_SCHEMA, align
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+ROWS_PER_BLOCK = 1000
+
+
+def read_source(config: JobConfig):
+    """The job's input as manifest rows."""
+    kind = next((name for name in ("manifest", "images", "dataset") if getattr(config, name)), "samples")
+    return SOURCES[kind](config)
+
+
+def read_manifest(config: JobConfig):
+    import ray.data
+
+    uri = config.manifest
+    fs, path = pyarrow_filesystem(uri, config.storage)
+    suffix = PurePosixPath(path).suffix.lower()
+    readers = {
+        ".parquet": ray.data.read_parquet,
+        ".jsonl": ray.data.read_json,
+        ".json": ray.data.read_json,
+        ".csv": ray.data.read_csv,
+    }
+    if suffix not in readers:
+        raise ValueError(f"manifest {uri}: unknown format {suffix!r}; expected one of {sorted(readers)}")
+    return readers[suffix](path, filesystem=fs).map_batches(normalize_manifest, batch_format="pyarrow")
+
+
+def normalize_manifest(batch: pa.Table) -> pa.Table:
+    """`image` (one URI) or `images` (a list, or a JSON list in CSV) → `images`; ids as strings."""
+    rows = batch.to_pylist()
+    for n, row in enumerate(rows):
+        if row.get("id") is None:
+            raise ValueError(f"manifest row {n} has no id: {row}")
+        row["id"] = str(row["id"])
+        images = row.get("images", row.get("image"))
+        if isinstance(images, str):
+            images = json.loads(images) if images.lstrip().startswith("[") else [images]
+        row["images"] = images or []
+    return align(rows, MANIFEST_SCHEMA)
+
+
+def list_images(config: JobConfig):
+    """Every image under the prefix, sorted; its id is the path relative to the prefix."""
+    fs, root = filesystem_for(config.images, config.storage)
+    paths = sorted(p for p in fs.find(root) if PurePosixPath(p).suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {config.images}")
+    rows = [{"id": p[len(root) :].lstrip("/"), "images": [fs.unstrip_protocol(p)]} for p in paths]
+    return _from_rows(rows)
+
+
+def read_dataset(config: JobConfig):
+    """A `datasets` dataset saved with save_to_disk; images travel inline as bytes."""
+    import datasets
+
+    ds = datasets.load_from_disk(config.dataset)
+    if config.image_column not in ds.column_names:
+        raise ValueError(f"dataset {config.dataset} has no column {config.image_column!r}; has {ds.column_names}")
+    ds = ds.cast_column(config.image_column, datasets.Image(decode=False))
+    table = ds.with_format("arrow")[:]
+    ids = (
+        table.column(config.id_column).to_pylist()
+        if config.id_column in table.column_names
+        else [str(i) for i in range(table.num_rows)]
+    )
+    questions = (
+        table.column(config.question_column).to_pylist()
+        if config.question_column in table.column_names
+        else [None] * table.num_rows
+    )
+    images = table.column(config.image_column).to_pylist()
+    rows = [
+        {"id": str(i), "images": [f"{config.dataset}#{i}"], "question": q, "image_bytes": [im["bytes"]]}
+        for i, q, im in zip(ids, questions, images)
+    ]
+    return _from_rows(rows)
+
+
+def bundled_samples(config: JobConfig):
+    cases = json.loads((SAMPLES_DIR / "cases.json").read_text())
+    rows = [
+        {"id": c["id"], "images": [str(Path(SAMPLES_DIR, p).resolve()) for p in c["images"]], "question": c["question"]}
+        for c in cases
+    ]
+    return _from_rows(rows)
+
+
+def _from_rows(rows: list[dict]):
+    import ray.data
+
+    table = align(rows, MANIFEST_SCHEMA)
+    return ray.data.from_arrow([table.slice(i, ROWS_PER_BLOCK) for i in range(0, table.num_rows, ROWS_PER_BLOCK)])
+
+
+SOURCES = {"manifest": read_manifest, "images": list_images, "dataset": read_dataset, "samples": bundled_samples}

@@ -1,0 +1,88 @@
+"""Arrow schemas of manifests and results: the one place columns are named and typed.
+
+Manifest (what a job reads; `image` or `images` names the inputs):
+    id              string, required   unique key of the row; output rows carry it
+    images          list<string>       image URIs (s3://, gs://, file://, or local paths), in prompt order
+    question        string, nullable   the question; null → the job's prompt (captioning)
+    max_new_tokens  int32, nullable    per-row answer length; null → the job's default
+    image_bytes     list<binary>, nullable  inline image bytes (the `datasets` input); `images` then only names them
+
+Result (one row per manifest row, schema version in the file metadata under `glimpse_batch.schema`):
+    id, images, question      as in the manifest (question as asked, after defaulting)
+    answer                    string, null when the row failed
+    error                     string, null when the row succeeded: why there is no answer
+    model, glimpse_modules    what answered (glimpse_modules null for the baseline)
+    pruned                    bool, whether GlimpsePrune pruned this row
+    n_visual_tokens           visual tokens before pruning
+    n_visual_kept             visual tokens after pruning (= n_visual_tokens unpruned)
+    n_prompt_tokens           prompt tokens before pruning
+    n_prompt_tokens_kept      prompt tokens after pruning
+    n_generated_tokens        new tokens
+    finish_reason             "stop" | "length", null when the row failed
+    prefill_s, decode_s       seconds of the batch the row ran in (decode until the row finished)
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1"
+SCHEMA_METADATA_KEY = b"glimpse_batch.schema"
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("images", pa.list_(pa.string()), nullable=False),
+        pa.field("question", pa.string()),
+        pa.field("max_new_tokens", pa.int32()),
+        pa.field("image_bytes", pa.list_(pa.binary())),
+    ]
+)
+
+# Between the CPU and GPU stages: the manifest row (question and max_new_tokens defaulted) plus model inputs.
+PREPARED_SCHEMA = pa.schema(
+    [
+        *[f for f in MANIFEST_SCHEMA if f.name != "image_bytes"],
+        pa.field("input_ids", pa.list_(pa.int64())),
+        pa.field("pixel_values", pa.large_binary()),  # float32 [P, C·t·p·p], row-major
+        pa.field("image_grid_thw", pa.list_(pa.int64())),  # [n_images × 3], flattened
+        pa.field("error", pa.string()),
+    ]
+)
+
+RESULT_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("images", pa.list_(pa.string())),
+        pa.field("question", pa.string()),
+        pa.field("answer", pa.string()),
+        pa.field("error", pa.string()),
+        pa.field("model", pa.string()),
+        pa.field("glimpse_modules", pa.string()),
+        pa.field("pruned", pa.bool_()),
+        pa.field("n_visual_tokens", pa.int32()),
+        pa.field("n_visual_kept", pa.int32()),
+        pa.field("n_prompt_tokens", pa.int32()),
+        pa.field("n_prompt_tokens_kept", pa.int32()),
+        pa.field("n_generated_tokens", pa.int32()),
+        pa.field("finish_reason", pa.string()),
+        pa.field("prefill_s", pa.float64()),
+        pa.field("decode_s", pa.float64()),
+    ],
+    metadata={SCHEMA_METADATA_KEY: SCHEMA_VERSION.encode()},
+)
+
+
+def align(rows: list[dict] | pa.Table, schema: pa.Schema) -> pa.Table:
+    """Rows or a table → a table of exactly `schema`'s columns, cast safely (overflow raises)."""
+    table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows)
+    missing = [f.name for f in schema if f.name not in table.column_names and not f.nullable]
+    if missing:
+        raise ValueError(f"required columns {missing} are missing; present: {table.column_names}")
+    columns = [
+        table.column(f.name).cast(f.type, safe=True)
+        if f.name in table.column_names
+        else pa.nulls(table.num_rows, f.type)
+        for f in schema
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)

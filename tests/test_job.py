@@ -1,0 +1,178 @@
+"""End-to-end: the Ray Data job on local Ray, with S3 served by moto on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import JobConfig
+from pipeline.glimpse.__main__ import main as glimpse_cli
+from pipeline.job import SUMMARY_FILE, run
+from pipeline.storage import StorageOptions, pyarrow_filesystem
+from schemas import SCHEMA_METADATA_KEY, SCHEMA_VERSION
+from tests.conftest import FIXTURE, fixture_cases
+
+MODEL = dict(model=str(FIXTURE / "base"), glimpse=str(FIXTURE / "glimpse"), max_new_tokens=8, batch_size=3)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server on 127.0.0.1 with one bucket; yields the storage options to reach it."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    options = StorageOptions(endpoint_url=f"http://{host}:{port}", key="testing", secret="testing")
+    fs = s3fs.S3FileSystem(**options.s3fs_kwargs())
+    fs.mkdir("corpus")
+    yield options, fs
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """What `python -m pipeline.glimpse` gives for the fixture cases: {id: line}."""
+    out = tmp_path_factory.mktemp("ref") / "ref.jsonl"
+    glimpse_cli(
+        [
+            "--model",
+            MODEL["model"],
+            "--glimpse",
+            MODEL["glimpse"],
+            "--requests",
+            str(FIXTURE / "cases.json"),
+            "--root",
+            str(FIXTURE),
+            "--max-new-tokens",
+            "8",
+            "--out",
+            str(out),
+        ]
+    )
+    return {line["id"]: line for line in map(json.loads, out.read_text().splitlines())}
+
+
+def read_output(config: JobConfig) -> pa.Table:
+    fs, path = pyarrow_filesystem(config.output, config.storage)
+    return pq.read_table(path, filesystem=fs)
+
+
+def assert_matches_reference(table: pa.Table, reference: dict, ids_to_case=lambda i: i):
+    rows = table.to_pylist()
+    assert sorted(r["id"] for r in rows) == sorted({r["id"] for r in rows}), "an id appears twice"
+    for row in rows:
+        ref = reference[ids_to_case(row["id"])]
+        assert row["error"] is None, row["error"]
+        assert (row["answer"], row["n_visual_kept"], row["n_visual_tokens"]) == (
+            ref["answer"],
+            ref["n_visual_kept"],
+            ref["n_visual_tokens"],
+        ), row["id"]
+        assert row["pruned"] and row["finish_reason"] == ref["finish_reason"]
+    return rows
+
+
+def test_s3_manifest_images_and_output(ray_session, s3, reference):
+    options, fs = s3
+    for e in fixture_cases():
+        for rel in e["case"]["images"]:
+            fs.put(str(FIXTURE / rel), f"corpus/{rel}")
+    manifest = pa.Table.from_pylist(
+        [
+            {"id": e["case"]["id"], "image": f"s3://corpus/{e['case']['images'][0]}", "question": e["case"]["question"]}
+            for e in fixture_cases()
+        ]
+    )
+    with fs.open("corpus/manifest.parquet", "wb") as f:
+        pq.write_table(manifest, f)
+    config = JobConfig(manifest="s3://corpus/manifest.parquet", output="s3://corpus/out", storage=options, **MODEL)
+    summary = run(config)
+    table = read_output(config)
+    rows = assert_matches_reference(table, reference)
+    assert len(rows) == summary.rows == summary.rows_ok == 5
+    assert table.schema.metadata[SCHEMA_METADATA_KEY] == SCHEMA_VERSION.encode()
+    assert json.loads(fs.cat(f"corpus/out/{SUMMARY_FILE}"))["visual_tokens_kept"] == sum(
+        r["n_visual_kept"] for r in reference.values()
+    )
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        run(config)
+
+
+def write_cases(directory: Path, kind: str) -> str:
+    rows = [
+        {
+            "id": e["case"]["id"],
+            "images": [str(FIXTURE / p) for p in e["case"]["images"]],
+            "question": e["case"]["question"],
+        }
+        for e in fixture_cases()
+    ]
+    path = directory / f"manifest.{kind}"
+    if kind == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:  # csv: one image per row, in an `image` column
+        lines = ["id,image,question"] + [f"{r['id']},{r['images'][0]},{r['question']}" for r in rows]
+        path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv"])
+def test_local_manifests(ray_session, reference, tmp_path, kind):
+    config = JobConfig(manifest=write_cases(tmp_path, kind), output=str(tmp_path / "out"), **MODEL)
+    assert len(assert_matches_reference(read_output(config) if run(config) else None, reference)) == 5
+
+
+def test_images_under_a_prefix_are_captioned(ray_session, tmp_path):
+    config = JobConfig(
+        images=str(FIXTURE / "images"), output=str(tmp_path / "out"), prompt="what is in the picture", **MODEL
+    )
+    run(config)
+    rows = read_output(config).to_pylist()
+    assert sorted(r["id"] for r in rows) == sorted(p.name for p in (FIXTURE / "images").iterdir())
+    square = next(r for r in rows if r["id"] == "square.png")
+    c1 = fixture_cases()[0]  # square.png with this very question
+    assert square["question"] == c1["case"]["question"]
+    assert square["n_visual_kept"] == sum(c1["glimpse"]["kept_masks"][0])
+
+
+def test_a_saved_datasets_dataset(ray_session, reference, tmp_path):
+    import datasets
+
+    cases = [e["case"] for e in fixture_cases()]
+    ds = datasets.Dataset.from_dict(
+        {
+            "id": [c["id"] for c in cases],
+            "question": [c["question"] for c in cases],
+            "image": [str(FIXTURE / c["images"][0]) for c in cases],
+        }
+    ).cast_column("image", datasets.Image())
+    ds.save_to_disk(str(tmp_path / "ds"))
+    config = JobConfig(dataset=str(tmp_path / "ds"), output=str(tmp_path / "out"), **MODEL)
+    run(config)
+    assert len(assert_matches_reference(read_output(config), reference)) == 5
+
+
+def test_built_in_demo_runs_on_bundled_samples(ray_session, tmp_path):
+    config = JobConfig(output=str(tmp_path / "out"), tiny_model_dir=str(tmp_path / "tiny"), max_new_tokens=4)
+    summary = run(config)
+    samples = json.loads((Path(__file__).parents[1] / "pipeline" / "samples" / "cases.json").read_text())
+    assert summary.rows == summary.rows_ok == len(samples)
+    rows = read_output(config).to_pylist()
+    assert sorted(r["id"] for r in rows) == sorted(c["id"] for c in samples)
+    assert all(r["n_generated_tokens"] == 4 or r["finish_reason"] == "stop" for r in rows)
+    assert (tmp_path / "out" / SUMMARY_FILE).exists()
