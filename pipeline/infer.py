@@ -11,7 +11,6 @@ import torch
 from pipeline.glimpse.engine import GlimpseEngine, Request, Result
 from pipeline.glimpse.prompts import PreparedPrompt
 from pipeline.glimpse.sampling import SamplingParams
-from pipeline.glimpse.selection import SelectionOptions
 from schemas import RESULT_SCHEMA, align
 
 log = logging.getLogger(__name__)
@@ -49,13 +48,8 @@ class Answerer:
             min_pixels=min_pixels,
             max_pixels=max_pixels,
         )
-        if self.engine.can_prune and selection:
-            defaults = self.engine.selection
-            self.engine.selection = SelectionOptions(
-                threshold=selection.get("threshold", defaults.threshold),
-                max_keep_ratio=selection.get("max_keep_ratio", defaults.max_keep_ratio),
-                min_kept=selection.get("min_kept", defaults.min_kept),
-            )
+        if self.engine.can_prune:
+            self.engine.selection = self.engine.selection.overridden(**selection)
         self.prune = prune and self.engine.can_prune
         self.model_name, self.glimpse_name = model, glimpse if self.prune else None
 

@@ -54,3 +54,8 @@ def test_cache_gathers_reserves_and_drops_rows():
     assert torch.equal(values, -keys)
     cache.select_rows(torch.tensor([1]))
     assert cache.layer(0)[0][:, 0, :, 0].tolist() == [[5, 6, 9]]
+
+
+def test_overridden_changes_only_what_is_given():
+    base = SelectionOptions(threshold=0.4, max_keep_ratio=0.5, min_kept=2)
+    assert base.overridden(threshold=None, max_keep_ratio=0.1) == SelectionOptions(0.4, 0.1, 2)

@@ -80,7 +80,6 @@ def load_requests(path: Path, root: Path, max_new_tokens: int):
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from pipeline.glimpse.engine import GlimpseEngine
-    from pipeline.glimpse.selection import SelectionOptions
 
     requests = load_requests(args.requests, args.root or args.requests.parent, args.max_new_tokens)
     engine = GlimpseEngine.from_pretrained(
@@ -93,11 +92,8 @@ def main(argv: list[str] | None = None) -> None:
         max_pixels=args.max_pixels,
     )
     if engine.can_prune:
-        defaults = engine.selection
-        engine.selection = SelectionOptions(
-            threshold=defaults.threshold if args.threshold is None else args.threshold,
-            max_keep_ratio=defaults.max_keep_ratio if args.max_keep_ratio is None else args.max_keep_ratio,
-            min_kept=defaults.min_kept if args.min_kept is None else args.min_kept,
+        engine.selection = engine.selection.overridden(
+            threshold=args.threshold, max_keep_ratio=args.max_keep_ratio, min_kept=args.min_kept
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     started, done = time.perf_counter(), 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -22,6 +22,10 @@ class SelectionOptions:
             raise ValueError(f"max_keep_ratio must be in (0, 1], got {self.max_keep_ratio}")
         if self.min_kept < 0:
             raise ValueError(f"min_kept must be >= 0, got {self.min_kept}")
+
+    def overridden(self, **changes) -> SelectionOptions:
+        """A copy with the given options changed; an option given as None stays as it is."""
+        return replace(self, **{name: value for name, value in changes.items() if value is not None})
 
 
 def select_tokens(logits: torch.Tensor, options: SelectionOptions) -> torch.Tensor:
