@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 
 import numpy as np
 import pyarrow as pa
@@ -81,17 +82,7 @@ class Answerer:
         if isinstance(result, Exception):
             out["error"] = f"{type(result).__name__}: {result}"
         elif result is not None:
-            out.update(
-                answer=result.answer,
-                finish_reason=result.finish_reason,
-                n_visual_tokens=result.n_visual_tokens,
-                n_visual_kept=result.n_visual_kept,
-                n_prompt_tokens=result.n_prompt_tokens,
-                n_prompt_tokens_kept=result.n_prompt_tokens_kept,
-                n_generated_tokens=result.n_generated_tokens,
-                prefill_s=result.prefill_s,
-                decode_s=result.decode_s,
-            )
+            out.update({k: v for k, v in asdict(result).items() if k in RESULT_SCHEMA.names and k not in out})
         return out
 
 

@@ -67,30 +67,38 @@ def list_images(config: JobConfig):
 
 
 def read_dataset(config: JobConfig):
-    """A `datasets` dataset saved with save_to_disk; images travel inline as bytes."""
+    """A `datasets` dataset saved with save_to_disk; images travel inline as bytes, read by Ray in blocks."""
     import datasets
+    import ray.data
 
     ds = datasets.load_from_disk(config.dataset)
     if config.image_column not in ds.column_names:
         raise ValueError(f"dataset {config.dataset} has no column {config.image_column!r}; has {ds.column_names}")
+    if config.id_column not in ds.column_names:
+        # The row index becomes the id: short strings are all the driver holds, never the images.
+        ds = ds.add_column(config.id_column, [str(i) for i in range(len(ds))])
     ds = ds.cast_column(config.image_column, datasets.Image(decode=False))
-    table = ds.with_format("arrow")[:]
-    ids = (
-        table.column(config.id_column).to_pylist()
-        if config.id_column in table.column_names
-        else [str(i) for i in range(table.num_rows)]
+    columns = dict(
+        dataset=config.dataset,
+        id_column=config.id_column,
+        question_column=config.question_column,
+        image_column=config.image_column,
     )
+    return ray.data.from_huggingface(ds).map_batches(dataset_rows, fn_kwargs=columns, batch_format="pyarrow")
+
+
+def dataset_rows(batch: pa.Table, *, dataset: str, id_column: str, question_column: str, image_column: str):
+    """Dataset rows ({bytes, path} image structs) → manifest rows with inline image bytes."""
+    ids = [str(i) for i in batch.column(id_column).to_pylist()]
     questions = (
-        table.column(config.question_column).to_pylist()
-        if config.question_column in table.column_names
-        else [None] * table.num_rows
+        batch.column(question_column).to_pylist() if question_column in batch.column_names else [None] * batch.num_rows
     )
-    images = table.column(config.image_column).to_pylist()
+    images = batch.column(image_column).to_pylist()
     rows = [
-        {"id": str(i), "images": [f"{config.dataset}#{i}"], "question": q, "image_bytes": [im["bytes"]]}
+        {"id": i, "images": [f"{dataset}#{i}"], "question": q, "image_bytes": [im["bytes"]]}
         for i, q, im in zip(ids, questions, images)
     ]
-    return _from_rows(rows)
+    return align(rows, MANIFEST_SCHEMA)
 
 
 def bundled_samples(config: JobConfig):

@@ -134,7 +134,8 @@ def write_cases(directory: Path, kind: str) -> str:
 @pytest.mark.parametrize("kind", ["jsonl", "csv"])
 def test_local_manifests(ray_session, reference, tmp_path, kind):
     config = JobConfig(manifest=write_cases(tmp_path, kind), output=str(tmp_path / "out"), **MODEL)
-    assert len(assert_matches_reference(read_output(config) if run(config) else None, reference)) == 5
+    run(config)
+    assert len(assert_matches_reference(read_output(config), reference)) == 5
 
 
 def test_images_under_a_prefix_are_captioned(ray_session, tmp_path):
@@ -150,21 +151,26 @@ def test_images_under_a_prefix_are_captioned(ray_session, tmp_path):
     assert square["n_visual_kept"] == sum(c1["glimpse"]["kept_masks"][0])
 
 
-def test_a_saved_datasets_dataset(ray_session, reference, tmp_path):
+@pytest.mark.parametrize("with_ids", [True, False])
+def test_a_saved_datasets_dataset(ray_session, reference, tmp_path, with_ids):
     import datasets
 
     cases = [e["case"] for e in fixture_cases()]
-    ds = datasets.Dataset.from_dict(
-        {
-            "id": [c["id"] for c in cases],
-            "question": [c["question"] for c in cases],
-            "image": [str(FIXTURE / c["images"][0]) for c in cases],
-        }
-    ).cast_column("image", datasets.Image())
-    ds.save_to_disk(str(tmp_path / "ds"))
+    columns = {
+        "question": [c["question"] for c in cases],
+        "image": [str(FIXTURE / c["images"][0]) for c in cases],
+    }
+    if with_ids:
+        columns["id"] = [c["id"] for c in cases]
+    datasets.Dataset.from_dict(columns).cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "ds"))
     config = JobConfig(dataset=str(tmp_path / "ds"), output=str(tmp_path / "out"), **MODEL)
     run(config)
-    assert len(assert_matches_reference(read_output(config), reference)) == 5
+    # Without an id column, the row index is the id.
+    case_of = (lambda i: i) if with_ids else (lambda i: cases[int(i)]["id"])
+    rows = assert_matches_reference(read_output(config), reference, case_of)
+    assert len(rows) == 5
+    if not with_ids:
+        assert sorted(r["id"] for r in rows) == ["0", "1", "2", "3", "4"]
 
 
 def test_built_in_demo_runs_on_bundled_samples(ray_session, tmp_path):
