@@ -19,15 +19,24 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             f"--{name.replace('_', '-')}", dest=name, default=None, help=field.description, **_kind(field.annotation)
         )
+    add_storage_options(parser)
+
+
+def add_storage_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL)")
     parser.add_argument("--s3-region", help="S3 region (else AWS_REGION)")
     parser.add_argument("--s3-anon", action="store_true", default=None, help="anonymous S3 access")
 
 
+def storage_overrides(args: argparse.Namespace) -> dict:
+    """The storage options given on the command line (credentials come from YAML or the environment)."""
+    return {key: getattr(args, flag) for flag, key in STORAGE_FLAGS.items() if getattr(args, flag) is not None}
+
+
 def job_config(args: argparse.Namespace) -> JobConfig:
-    """YAML (if any) overlaid with the options given; credentials come from YAML or the environment."""
+    """YAML (if any) overlaid with the options given."""
     given = {name: getattr(args, name) for name in JobConfig.model_fields if getattr(args, name, None) is not None}
-    storage = {key: getattr(args, flag) for flag, key in STORAGE_FLAGS.items() if getattr(args, flag) is not None}
+    storage = storage_overrides(args)
     if args.config:
         config = JobConfig.from_yaml(args.config, **given)
         if storage:

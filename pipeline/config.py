@@ -51,6 +51,12 @@ class JobConfig(BaseModel):
     prepare_batch_size: int = Field(16, ge=1, description="rows per CPU preparation task")
     prepare_cpus: float = Field(1.0, gt=0, description="CPUs per preparation task")
 
+    control_fraction: float = Field(
+        0.0, ge=0, le=1, description="share of rows also run unpruned, to measure savings and agreement"
+    )
+    gpu_hourly_usd: float | None = Field(None, ge=0, description="GPU price per hour, for the cost estimate")
+    progress_interval_s: float = Field(30.0, gt=0, description="seconds between progress lines")
+
     storage: StorageOptions = Field(default_factory=StorageOptions, description="S3 options")
 
     @model_validator(mode="after")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from dataclasses import asdict
 
 import numpy as np
 import pyarrow as pa
@@ -12,6 +12,7 @@ import torch
 from pipeline.glimpse.engine import GlimpseEngine, Request, Result
 from pipeline.glimpse.prompts import PreparedPrompt
 from pipeline.glimpse.sampling import SamplingParams
+from pipeline.progress import batch_counts
 from schemas import RESULT_SCHEMA, align
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ class Answerer:
         selection: dict,
         min_pixels: int | None = None,
         max_pixels: int | None = None,
+        control_fraction: float = 0.0,
+        progress=None,
     ) -> None:
         device, dtype = pick_device_and_dtype(dtype)
         self.engine = GlimpseEngine.from_pretrained(
@@ -53,19 +56,27 @@ class Answerer:
             self.engine.selection = self.engine.selection.overridden(**selection)
         self.prune = prune and self.engine.can_prune
         self.model_name, self.glimpse_name = model, glimpse if self.prune else None
+        self.control_fraction = control_fraction if self.prune else 0.0
+        self.progress = progress
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         todo = [row for row in rows if row["error"] is None]
-        results = self._answer(todo) if todo else {}
-        return align([self._output(row, results.get(row["id"])) for row in rows], RESULT_SCHEMA)
+        results = self._answer(todo, self.prune) if todo else {}
+        out = [self._output(row, results.get(row["id"])) for row in rows]
+        control = [row for row in todo if in_control_sample(row["id"], self.control_fraction)]
+        if control:
+            self._add_control(control, {row["id"]: row for row in out})
+        if self.progress is not None:
+            self.progress.add.remote(batch_counts(out))
+        return align(out, RESULT_SCHEMA)
 
-    def _answer(self, rows: list[dict]) -> dict[str, Result | Exception]:
+    def _answer(self, rows: list[dict], prune: bool) -> dict[str, Result | Exception]:
         """Answers the rows together; if the batch fails, each row alone, so one bad row fails alone."""
         requests = [_request(row) for row in rows]
         prompts = [_prompt(row) for row in rows]
         try:
-            return {r.id: r for r in self.engine.generate_prepared(requests, prompts, prune=self.prune)}
+            return {r.id: r for r in self.engine.generate_prepared(requests, prompts, prune=prune)}
         except Exception as e:
             if len(rows) == 1:
                 log.warning("row %s failed: %s", rows[0]["id"], e)
@@ -73,8 +84,23 @@ class Answerer:
             log.warning("batch of %d failed (%s); answering its rows one by one", len(rows), e)
             out = {}
             for row in rows:
-                out.update(self._answer([row]))
+                out.update(self._answer([row], prune))
             return out
+
+    def _add_control(self, rows: list[dict], outputs: dict[str, dict]) -> None:
+        """Runs the control rows again, pruned and unpruned, as two batches of the same shape, so
+        that their measured engine seconds compare like with like."""
+        pruned, unpruned = self._answer(rows, prune=True), self._answer(rows, prune=False)
+        for row in rows:
+            with_pruning, without = pruned[row["id"]], unpruned[row["id"]]
+            if isinstance(with_pruning, Exception) or isinstance(without, Exception):
+                continue
+            outputs[row["id"]].update(
+                control_pruned_engine_s=with_pruning.engine_s,
+                control_unpruned_engine_s=without.engine_s,
+                control_unpruned_answer=without.answer,
+                control_unpruned_generated_tokens=without.n_generated_tokens,
+            )
 
     def _output(self, row: dict, result: Result | Exception | None) -> dict:
         out = {k: row[k] for k in ("id", "images", "question", "error")}
@@ -82,8 +108,16 @@ class Answerer:
         if isinstance(result, Exception):
             out["error"] = f"{type(result).__name__}: {result}"
         elif result is not None:
-            out.update({k: v for k, v in asdict(result).items() if k in RESULT_SCHEMA.names and k not in out})
+            out.update({k: v for k, v in result.columns().items() if k in RESULT_SCHEMA.names and k not in out})
         return out
+
+
+def in_control_sample(row_id: str, fraction: float) -> bool:
+    """A deterministic sample by id: the same rows are controls in every run and on every actor."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.blake2b(row_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < fraction * 2**64
 
 
 def _request(row: dict) -> Request:

@@ -5,43 +5,20 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from pipeline.config import JobConfig
 from pipeline.prepare import prepare_batch
+from pipeline.progress import ProgressCounter, ProgressLog
 from pipeline.sources import read_source
 from pipeline.storage import filesystem_for, pyarrow_filesystem
+from pipeline.summary import COLUMNS as SUMMARY_COLUMNS
+from pipeline.summary import SUMMARY_FILE, Summary, summarize
 
 log = logging.getLogger(__name__)
-SUMMARY_FILE = "_summary.json"
-
-
-@dataclass
-class Summary:
-    """The job's totals, written next to the output as _summary.json."""
-
-    output: str
-    rows: int
-    rows_ok: int
-    rows_failed: int
-    visual_tokens: int
-    visual_tokens_kept: int
-    generated_tokens: int
-    wall_s: float
-    rows_per_s: float
-
-    def lines(self) -> list[str]:
-        kept = self.visual_tokens_kept / self.visual_tokens if self.visual_tokens else 0.0
-        return [
-            f"rows: {self.rows} ({self.rows_ok} answered, {self.rows_failed} failed)",
-            f"visual tokens: {self.visual_tokens} → {self.visual_tokens_kept} kept ({kept:.1%})",
-            f"generated tokens: {self.generated_tokens}",
-            f"wall time: {self.wall_s:.1f}s, {self.rows_per_s:.2f} rows/s",
-            f"output: {self.output}",
-        ]
 
 
 def resolve_model(config: JobConfig) -> tuple[str, str | None]:
@@ -54,8 +31,9 @@ def resolve_model(config: JobConfig) -> tuple[str, str | None]:
     return str(tiny / "base"), str(tiny / "glimpse")
 
 
-def build_dataset(config: JobConfig):
-    """The lazy pipeline: nothing runs until it is consumed or written."""
+def build_dataset(config: JobConfig, progress=None):
+    """The lazy pipeline: nothing runs until it is consumed or written. `progress`: a
+    ProgressCounter the inference actors report to."""
     import ray
 
     from pipeline.infer import Answerer
@@ -93,6 +71,8 @@ def build_dataset(config: JobConfig):
                 selection=selection,
                 min_pixels=config.min_pixels,
                 max_pixels=config.max_pixels,
+                control_fraction=config.control_fraction,
+                progress=progress,
             ),
             batch_size=config.batch_size,
             batch_format="pyarrow",
@@ -112,31 +92,11 @@ def run(config: JobConfig, overwrite: bool = False) -> Summary:
             raise FileExistsError(f"{config.output} already holds Parquet files; pass --overwrite to replace them")
         fs.rm(out_path, recursive=True)
     arrow_fs, arrow_path = pyarrow_filesystem(config.output, config.storage)
-    build_dataset(config).write_parquet(arrow_path, filesystem=arrow_fs)
-    summary = summarize(config, time.perf_counter() - started)
+    counter = ProgressCounter.remote()
+    with ProgressLog(counter, config.progress_interval_s):
+        build_dataset(config, counter).write_parquet(arrow_path, filesystem=arrow_fs)
+    table = pq.read_table(arrow_path, filesystem=arrow_fs, columns=SUMMARY_COLUMNS)
+    summary = summarize(table, config.output, time.perf_counter() - started, config.gpu_hourly_usd)
     with fs.open(f"{out_path.rstrip('/')}/{SUMMARY_FILE}", "w") as f:
         json.dump(asdict(summary), f, indent=2)
     return summary
-
-
-def summarize(config: JobConfig, wall_s: float) -> Summary:
-    """Totals from the written Parquet (a few columns only)."""
-    arrow_fs, arrow_path = pyarrow_filesystem(config.output, config.storage)
-    columns = ["error", "n_visual_tokens", "n_visual_kept", "n_generated_tokens"]
-    table = pq.read_table(arrow_path, filesystem=arrow_fs, columns=columns)
-    failed = table.column("error").is_valid().to_pylist().count(True)
-
-    def total(name):
-        return int(sum(v for v in table.column(name).to_pylist() if v is not None))
-
-    return Summary(
-        output=config.output,
-        rows=table.num_rows,
-        rows_ok=table.num_rows - failed,
-        rows_failed=failed,
-        visual_tokens=total("n_visual_tokens"),
-        visual_tokens_kept=total("n_visual_kept"),
-        generated_tokens=total("n_generated_tokens"),
-        wall_s=wall_s,
-        rows_per_s=table.num_rows / wall_s if wall_s else 0.0,
-    )

@@ -20,13 +20,20 @@ Result (one row per manifest row, schema version in the file metadata under `gli
     n_generated_tokens        new tokens
     finish_reason             "stop" | "length", null when the row failed
     prefill_s, decode_s       seconds of the batch the row ran in (decode until the row finished)
+    engine_s                  this row's share of its batch's engine (GPU) seconds
+    prefill_flops, decode_flops                  FLOPs as run (analytic, pipeline.glimpse.accounting)
+    prefill_flops_unpruned, decode_flops_unpruned  the same request without pruning
+    kv_cache_bytes, kv_cache_bytes_unpruned      KV cache the row held after prefill and decode
+    control_*                 only for control rows (--control-fraction), measured on the same rows
+                              in two batches of the same shape: pruned and unpruned engine seconds,
+                              the unpruned answer and its length
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 SCHEMA_METADATA_KEY = b"glimpse_batch.schema"
 
 MANIFEST_SCHEMA = pa.schema(
@@ -68,21 +75,36 @@ RESULT_SCHEMA = pa.schema(
         pa.field("finish_reason", pa.string()),
         pa.field("prefill_s", pa.float64()),
         pa.field("decode_s", pa.float64()),
+        pa.field("engine_s", pa.float64()),
+        pa.field("prefill_flops", pa.float64()),
+        pa.field("prefill_flops_unpruned", pa.float64()),
+        pa.field("decode_flops", pa.float64()),
+        pa.field("decode_flops_unpruned", pa.float64()),
+        pa.field("kv_cache_bytes", pa.int64()),
+        pa.field("kv_cache_bytes_unpruned", pa.int64()),
+        pa.field("control_pruned_engine_s", pa.float64()),
+        pa.field("control_unpruned_engine_s", pa.float64()),
+        pa.field("control_unpruned_answer", pa.string()),
+        pa.field("control_unpruned_generated_tokens", pa.int32()),
     ],
     metadata={SCHEMA_METADATA_KEY: SCHEMA_VERSION.encode()},
 )
 
 
 def align(rows: list[dict] | pa.Table, schema: pa.Schema) -> pa.Table:
-    """Rows or a table → a table of exactly `schema`'s columns, cast safely (overflow raises)."""
-    table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows)
-    missing = [f.name for f in schema if f.name not in table.column_names and not f.nullable]
+    """Rows or a table → a table of exactly `schema`'s columns, cast safely (overflow raises).
+    Rows are read by the schema's names, so a column missing from some rows is null there."""
+    if not isinstance(rows, pa.Table):
+        required = [f.name for f in schema if not f.nullable]
+        missing = sorted({name for row in rows for name in required if row.get(name) is None})
+        if missing:
+            raise ValueError(f"required columns {missing} are missing from some rows")
+        return pa.Table.from_pylist(rows, schema=schema)
+    missing = [f.name for f in schema if f.name not in rows.column_names and not f.nullable]
     if missing:
-        raise ValueError(f"required columns {missing} are missing; present: {table.column_names}")
+        raise ValueError(f"required columns {missing} are missing; present: {rows.column_names}")
     columns = [
-        table.column(f.name).cast(f.type, safe=True)
-        if f.name in table.column_names
-        else pa.nulls(table.num_rows, f.type)
+        rows.column(f.name).cast(f.type, safe=True) if f.name in rows.column_names else pa.nulls(rows.num_rows, f.type)
         for f in schema
     ]
     return pa.Table.from_arrays(columns, schema=schema)

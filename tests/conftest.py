@@ -44,3 +44,13 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     from pipeline.glimpse.tiny import TinySpec, write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), TinySpec(layers=3, kv_heads=1, seed=7))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for every test that needs it (starting Ray takes seconds)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

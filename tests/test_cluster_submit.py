@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 from pathlib import Path
@@ -76,7 +77,7 @@ def test_ray_job_submit_runs_the_demo_job(local_cluster, tmp_path):
         timeout=400,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "rows: 7 (7 answered, 0 failed)" in done.stdout
+    assert re.search(r"^rows +7 \(7 answered, 0 failed\)$", done.stdout, re.MULTILINE), done.stdout[-3000:]
     table = pq.read_table(out)
     assert table.num_rows == 7 and table.column("error").null_count == 7
     assert json.loads((out / "_summary.json").read_text())["rows_ok"] == 7

@@ -10,7 +10,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 
@@ -103,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
             for result in engine.generate(
                 chunk, prune=not args.no_prune, emit_masks=args.emit_masks, batch_size=args.batch_size
             ):
-                row = asdict(result)
+                row = result.columns()
                 if not args.emit_masks:
                     row.pop("kept_mask")
                 out.write(json.dumps(row) + "\n")

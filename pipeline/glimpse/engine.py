@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 from PIL import Image
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb, repeat_kv
 
+from pipeline.glimpse.accounting import CostModel, RowCost, share_seconds
 from pipeline.glimpse.cache import PrunableKVCache
 from pipeline.glimpse.masks import attention_mask
 from pipeline.glimpse.modules import GlimpseModules
@@ -40,8 +41,8 @@ class Request:
 
 @dataclass
 class Result:
-    """What a request got, and what it cost. Timings are those of the batch it ran in:
-    prefill_s is the batch's prefill, decode_s the batch's decode time until this request finished."""
+    """What a request got, and what it cost. prefill_s and decode_s are the batch's (decode until
+    this request finished); engine_s is this request's share of the batch's engine seconds."""
 
     id: str
     answer: str
@@ -55,7 +56,14 @@ class Result:
     n_generated_tokens: int
     prefill_s: float
     decode_s: float
+    engine_s: float
+    cost: RowCost
     kept_mask: list[int] | None = None
+
+    def columns(self) -> dict:
+        """Flat fields, the cost's included, as result rows hold them."""
+        flat = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "cost"}
+        return {**flat, **asdict(self.cost)}
 
 
 @dataclass
@@ -97,6 +105,7 @@ class GlimpseEngine:
         self.pad_token_id = prompts.tokenizer.pad_token_id or 0
         self.eos_token_ids = _eos_ids(model, prompts.tokenizer)
         self.language_model = model.model.language_model
+        self.costs = CostModel(config, glimpse, model.dtype.itemsize)
         self.glimpse_embeddings = None
         if self.modules is not None:
             with torch.inference_mode():
@@ -158,28 +167,43 @@ class GlimpseEngine:
         state = self._prefill(prompts, prune)
         prefill_s = time.perf_counter() - started
         tokens, reasons, decode_s = self._decode(state, [r.sampling for r in requests])
-        results = []
-        for row, (request, prompt) in enumerate(zip(requests, prompts)):
-            n_visual = int((prompt.input_ids == self.image_token_id).sum())
-            n_kept = int(state.kept[row].sum())
-            results.append(
-                Result(
-                    id=request.id,
-                    answer=self.prompts.tokenizer.decode(tokens[row], skip_special_tokens=True),
-                    new_tokens=tokens[row],
-                    finish_reason=reasons[row],
-                    pruned=prune,
-                    n_visual_tokens=n_visual,
-                    n_visual_kept=n_kept,
-                    n_prompt_tokens=len(prompt.input_ids),
-                    n_prompt_tokens_kept=len(prompt.input_ids) - n_visual + n_kept,
-                    n_generated_tokens=len(tokens[row]),
-                    prefill_s=prefill_s,
-                    decode_s=decode_s[row],
-                    kept_mask=state.kept[row].int().tolist() if emit_masks and prune else None,
-                )
+        counts = [self._token_counts(prompt, kept) for prompt, kept in zip(prompts, state.kept)]
+        costs = [
+            self.costs.row(_grid(prompt), n_prompt, n_prompt_kept, len(new), prune)
+            for prompt, (_, _, n_prompt, n_prompt_kept), new in zip(prompts, counts, tokens)
+        ]
+        engine_s = share_seconds(prefill_s, [c.prefill_flops for c in costs], decode_s)
+        return [
+            Result(
+                id=request.id,
+                answer=self.prompts.tokenizer.decode(new, skip_special_tokens=True),
+                new_tokens=new,
+                finish_reason=reasons[row],
+                pruned=prune,
+                n_visual_tokens=n_visual,
+                n_visual_kept=n_kept,
+                n_prompt_tokens=n_prompt,
+                n_prompt_tokens_kept=n_prompt_kept,
+                n_generated_tokens=len(new),
+                prefill_s=prefill_s,
+                decode_s=decode_s[row],
+                engine_s=engine_s[row],
+                cost=costs[row],
+                kept_mask=state.kept[row].int().tolist() if emit_masks and prune else None,
             )
-        return results
+            for row, (request, new, (n_visual, n_kept, n_prompt, n_prompt_kept)) in enumerate(
+                zip(requests, tokens, counts)
+            )
+        ]
+
+    def _token_counts(self, prompt: PreparedPrompt, kept: torch.Tensor) -> tuple[int, int, int, int]:
+        """Visual tokens before and after pruning, prompt tokens before and after."""
+        n_visual, n_kept, n_prompt = (
+            int((prompt.input_ids == self.image_token_id).sum()),
+            int(kept.sum()),
+            len(prompt.input_ids),
+        )
+        return n_visual, n_kept, n_prompt, n_prompt - n_visual + n_kept
 
     # ---- prefill -------------------------------------------------------------------------------
 
@@ -350,6 +374,10 @@ def _left_packed(keep: torch.Tensor):
     # Stable sort puts dropped columns first and kept ones after, in order; take the last `width`.
     # The padding slots of a shorter row point at dropped columns: finite values, masked out.
     return torch.sort(keep.int(), dim=1, stable=True).indices[:, -width:], valid
+
+
+def _grid(prompt: PreparedPrompt) -> list[tuple[int, int, int]]:
+    return [tuple(g) for g in prompt.image_grid_thw.tolist()]
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
