@@ -26,16 +26,15 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 
 
 class PeakRSS:
-    """Samples this process's resident memory in a thread."""
+    """Samples a memory figure in a thread (default: this process's resident memory)."""
 
-    def __init__(self, every_s: float = 0.05) -> None:
-        self.peak, self.every_s, self._stop = 0, every_s, threading.Event()
+    def __init__(self, every_s: float = 0.05, read=lambda: psutil.Process().memory_info().rss) -> None:
+        self.peak, self.every_s, self.read, self._stop = 0, every_s, read, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        me = psutil.Process()
         while not self._stop.is_set():
-            self.peak = max(self.peak, me.memory_info().rss)
+            self.peak = max(self.peak, self.read())
             time.sleep(self.every_s)
 
     def __enter__(self):

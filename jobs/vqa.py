@@ -27,12 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from pipeline.job import run
+    from pipeline.sources import ManifestError
 
     if not ray.is_initialized():
         ray.init(address=args.ray_address, include_dashboard=False)
     try:
         summary = run(config, overwrite=args.overwrite)
-    except FileExistsError as e:
+    except (FileExistsError, ManifestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print("\n".join(summary.lines()))

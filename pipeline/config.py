@@ -44,10 +44,17 @@ class JobConfig(BaseModel):
     min_pixels: int | None = Field(None, description="image processor min_pixels (default: checkpoint's)")
     max_pixels: int | None = Field(None, description="image processor max_pixels (default: checkpoint's)")
     max_image_bytes: int = Field(64 << 20, ge=1, description="objects larger than this are refused unread")
+    max_image_pixels: int = Field(
+        64_000_000, ge=1, description="images with more pixels are refused from their header, before decoding"
+    )
+    max_question_tokens: int = Field(1024, ge=1, description="longer questions are refused")
 
     batch_size: int = Field(8, ge=1, description="requests per engine batch")
     num_actors: int = Field(1, ge=1, description="inference actors (one engine each)")
     gpus_per_actor: float | None = Field(None, ge=0, description="none: 1 when the cluster has GPUs, else 0")
+    rows_per_block: int = Field(
+        1000, ge=1, description="rows per block: the unit of streaming, retries, resuming and output files"
+    )
     prepare_batch_size: int = Field(16, ge=1, description="rows per CPU preparation task")
     prepare_cpus: float = Field(1.0, gt=0, description="CPUs per preparation task")
 

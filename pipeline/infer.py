@@ -9,6 +9,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from pipeline import faults
+from pipeline.failures import RowFailure, describe
 from pipeline.glimpse.engine import GlimpseEngine, Request, Result
 from pipeline.glimpse.prompts import PreparedPrompt
 from pipeline.glimpse.sampling import SamplingParams
@@ -60,6 +62,7 @@ class Answerer:
         self.progress = progress
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        faults.before_batch()
         rows = batch.to_pylist()
         todo = [row for row in rows if row["error"] is None]
         results = self._answer(todo, self.prune) if todo else {}
@@ -72,11 +75,21 @@ class Answerer:
         return align(out, RESULT_SCHEMA)
 
     def _answer(self, rows: list[dict], prune: bool) -> dict[str, Result | Exception]:
-        """Answers the rows together; if the batch fails, each row alone, so one bad row fails alone."""
+        """Answers the rows together. Out of memory: each half again, down to single rows. Any other
+        failure: each row alone, so that one bad row fails alone."""
         requests = [_request(row) for row in rows]
         prompts = [_prompt(row) for row in rows]
         try:
+            faults.before_engine(len(rows))
             return {r.id: r for r in self.engine.generate_prepared(requests, prompts, prune=prune)}
+        except torch.OutOfMemoryError as e:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if len(rows) == 1:
+                return {rows[0]["id"]: RowFailure("out_of_memory", f"out of memory alone in a batch: {e}")}
+            log.warning("batch of %d ran out of memory; splitting it in two", len(rows))
+            half = len(rows) // 2
+            return {**self._answer(rows[:half], prune), **self._answer(rows[half:], prune)}
         except Exception as e:
             if len(rows) == 1:
                 log.warning("row %s failed: %s", rows[0]["id"], e)
@@ -103,10 +116,10 @@ class Answerer:
             )
 
     def _output(self, row: dict, result: Result | Exception | None) -> dict:
-        out = {k: row[k] for k in ("id", "images", "question", "error")}
+        out = {k: row[k] for k in ("id", "images", "question", "error_code", "error")}
         out.update(model=self.model_name, glimpse_modules=self.glimpse_name, pruned=self.prune)
         if isinstance(result, Exception):
-            out["error"] = f"{type(result).__name__}: {result}"
+            out["error_code"], out["error"] = describe(result)
         elif result is not None:
             out.update({k: v for k, v in result.columns().items() if k in RESULT_SCHEMA.names and k not in out})
         return out

@@ -8,13 +8,17 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline import faults
 from pipeline.config import JobConfig
+from pipeline.output import OutputDir
 from pipeline.prepare import prepare_batch
 from pipeline.progress import ProgressCounter, ProgressLog
-from pipeline.sources import read_source
-from pipeline.storage import filesystem_for, pyarrow_filesystem
+from pipeline.sources import check_ids, read_source
+from pipeline.storage import pyarrow_filesystem
 from pipeline.summary import COLUMNS as SUMMARY_COLUMNS
 from pipeline.summary import SUMMARY_FILE, Summary, summarize
 
@@ -31,9 +35,9 @@ def resolve_model(config: JobConfig) -> tuple[str, str | None]:
     return str(tiny / "base"), str(tiny / "glimpse")
 
 
-def build_dataset(config: JobConfig, progress=None):
+def build_dataset(config: JobConfig, progress=None, skip_ids: pa.Array | None = None):
     """The lazy pipeline: nothing runs until it is consumed or written. `progress`: a
-    ProgressCounter the inference actors report to."""
+    ProgressCounter the inference actors report to; `skip_ids`: rows left out (already answered)."""
     import ray
 
     from pipeline.infer import Answerer
@@ -43,60 +47,69 @@ def build_dataset(config: JobConfig, progress=None):
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     selection = {k: v for k in ("threshold", "max_keep_ratio", "min_kept") if (v := getattr(config, k)) is not None}
-    return (
-        read_source(config)
-        .map_batches(
-            prepare_batch,
-            fn_kwargs=dict(
-                model=model,
-                prompt=config.prompt,
-                max_new_tokens=config.max_new_tokens,
-                storage=config.storage,
-                max_image_bytes=config.max_image_bytes,
-                min_pixels=config.min_pixels,
-                max_pixels=config.max_pixels,
-            ),
-            batch_size=config.prepare_batch_size,
-            batch_format="pyarrow",
-            num_cpus=config.prepare_cpus,
-        )
-        .map_batches(
-            Answerer,
-            fn_constructor_kwargs=dict(
-                model=model,
-                glimpse=glimpse,
-                prune=config.prune,
-                dtype=config.dtype,
-                attn=config.attn,
-                selection=selection,
-                min_pixels=config.min_pixels,
-                max_pixels=config.max_pixels,
-                control_fraction=config.control_fraction,
-                progress=progress,
-            ),
-            batch_size=config.batch_size,
-            batch_format="pyarrow",
-            concurrency=config.num_actors,
-            num_gpus=gpus,
-            num_cpus=0 if gpus else 1,
-        )
+    source = read_source(config)
+    if skip_ids is not None and len(skip_ids):
+        source = source.map_batches(drop_ids, fn_kwargs=dict(ids=skip_ids), batch_format="pyarrow")
+    return source.map_batches(
+        prepare_batch,
+        fn_kwargs=dict(
+            model=model,
+            prompt=config.prompt,
+            max_new_tokens=config.max_new_tokens,
+            storage=config.storage,
+            max_image_bytes=config.max_image_bytes,
+            max_image_pixels=config.max_image_pixels,
+            max_question_tokens=config.max_question_tokens,
+            min_pixels=config.min_pixels,
+            max_pixels=config.max_pixels,
+        ),
+        batch_size=config.prepare_batch_size,
+        batch_format="pyarrow",
+        num_cpus=config.prepare_cpus,
+        **faults.runtime_env(),
+    ).map_batches(
+        Answerer,
+        fn_constructor_kwargs=dict(
+            model=model,
+            glimpse=glimpse,
+            prune=config.prune,
+            dtype=config.dtype,
+            attn=config.attn,
+            selection=selection,
+            min_pixels=config.min_pixels,
+            max_pixels=config.max_pixels,
+            control_fraction=config.control_fraction,
+            progress=progress,
+        ),
+        batch_size=config.batch_size,
+        batch_format="pyarrow",
+        concurrency=config.num_actors,
+        num_gpus=gpus,
+        num_cpus=0 if gpus else 1,
+        **faults.runtime_env(),
     )
 
 
 def run(config: JobConfig, overwrite: bool = False) -> Summary:
     """Runs the job to the end: Parquet files and _summary.json under config.output."""
     started = time.perf_counter()
-    fs, out_path = filesystem_for(config.output, config.storage)
-    if fs.exists(out_path) and any(p.endswith(".parquet") for p in fs.find(out_path)):
-        if not overwrite:
-            raise FileExistsError(f"{config.output} already holds Parquet files; pass --overwrite to replace them")
-        fs.rm(out_path, recursive=True)
-    arrow_fs, arrow_path = pyarrow_filesystem(config.output, config.storage)
+    check_ids(config)
+    output = OutputDir(config.output, config.storage)
+    done = output.start(overwrite)
     counter = ProgressCounter.remote()
+    dataset = build_dataset(config, counter, skip_ids=done)
+    pending_fs, pending_path = pyarrow_filesystem(output.pending_uri, config.storage)
     with ProgressLog(counter, config.progress_interval_s):
-        build_dataset(config, counter).write_parquet(arrow_path, filesystem=arrow_fs)
+        dataset.write_parquet(pending_path, filesystem=pending_fs)
+    output.publish()
+    arrow_fs, arrow_path = pyarrow_filesystem(config.output, config.storage)
     table = pq.read_table(arrow_path, filesystem=arrow_fs, columns=SUMMARY_COLUMNS)
     summary = summarize(table, config.output, time.perf_counter() - started, config.gpu_hourly_usd)
-    with fs.open(f"{out_path.rstrip('/')}/{SUMMARY_FILE}", "w") as f:
+    with output.fs.open(f"{output.path}/{SUMMARY_FILE}", "w") as f:
         json.dump(asdict(summary), f, indent=2)
     return summary
+
+
+def drop_ids(batch: pa.Table, *, ids: pa.Array) -> pa.Table:
+    """The rows whose id is not in `ids` (those an earlier run already answered)."""
+    return batch.filter(pc.invert(pc.is_in(batch.column("id"), value_set=ids)))

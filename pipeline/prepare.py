@@ -10,8 +10,9 @@ import io
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pipeline.failures import RowFailure, describe
 from pipeline.storage import StorageOptions, read_bytes
 from schemas import PREPARED_SCHEMA, align
 
@@ -26,14 +27,36 @@ def prompt_builder(model: str, min_pixels: int | None, max_pixels: int | None):
     return PromptBuilder.from_pretrained(model, AutoConfig.from_pretrained(model), min_pixels, max_pixels)
 
 
-def decode_image(data: bytes, name: str) -> Image.Image:
-    """Bytes → an RGB image, EXIF rotation applied."""
+def decode_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
+    """Bytes → an RGB image: first frame of an animation, EXIF rotation applied, any mode converted.
+    The size is checked from the header, before the pixels are decoded."""
+    if not data:
+        raise RowFailure("empty_file", f"{name} has zero bytes")
     try:
         with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > max_pixels:
+                raise RowFailure("too_many_pixels", f"{name} is {im.width}×{im.height}, over {max_pixels} pixels")
+            im.seek(0)
             im.load()
-            return ImageOps.exif_transpose(im).convert("RGB")
-    except Exception as e:  # PIL raises many types for bad data
-        raise ValueError(f"cannot decode image {name}: {type(e).__name__}: {e}") from e
+            return to_rgb(ImageOps.exif_transpose(im))
+    except (RowFailure, UnidentifiedImageError, Image.DecompressionBombError):
+        raise
+    except Exception as e:  # PIL raises many types for truncated or corrupt data
+        raise RowFailure("corrupt_image", f"cannot decode {name}: {type(e).__name__}: {e}") from e
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """RGB from any PIL mode: 16/32-bit greyscale rescaled to 8 bits, transparency over white."""
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        values = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        im = Image.fromarray(np.clip(values / top * 255.0, 0, 255).astype(np.uint8))
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, im.convert("RGBA")).convert("RGB")
+    return im.convert("RGB")
 
 
 def prepare_batch(
@@ -44,6 +67,8 @@ def prepare_batch(
     max_new_tokens: int,
     storage: StorageOptions,
     max_image_bytes: int,
+    max_image_pixels: int,
+    max_question_tokens: int,
     min_pixels: int | None = None,
     max_pixels: int | None = None,
 ) -> pa.Table:
@@ -52,12 +77,14 @@ def prepare_batch(
     builder = prompt_builder(model, min_pixels, max_pixels)
     out = []
     for row in batch.to_pylist():
-        row["question"] = row["question"] if row.get("question") else prompt
+        row["question"] = prompt if row.get("question") is None else row["question"]
         row["max_new_tokens"] = row.get("max_new_tokens") or max_new_tokens
         try:
-            prepared = builder(load_images(row, storage, max_image_bytes), row["question"])
+            check_question(row["question"], builder.tokenizer, max_question_tokens)
+            images = load_images(row, storage, max_image_bytes, max_image_pixels)
+            prepared = builder(images, row["question"])
         except Exception as e:  # recorded on the row: one bad input never fails the batch
-            row["error"] = f"{type(e).__name__}: {e}"
+            row["error_code"], row["error"] = describe(e)
         else:
             row["input_ids"] = prepared.input_ids.tolist()
             row["pixel_values"] = prepared.pixel_values.numpy().astype(np.float32).tobytes()
@@ -66,11 +93,19 @@ def prepare_batch(
     return align(out, PREPARED_SCHEMA)
 
 
-def load_images(row: dict, storage: StorageOptions, max_image_bytes: int) -> list[Image.Image]:
+def check_question(question: str, tokenizer, max_tokens: int) -> None:
+    if not question.strip():
+        raise RowFailure("bad_question", "the question is empty")
+    n = len(tokenizer(question, add_special_tokens=False)["input_ids"])
+    if n > max_tokens:
+        raise RowFailure("bad_question", f"the question is {n} tokens, over the limit of {max_tokens}")
+
+
+def load_images(row: dict, storage: StorageOptions, max_image_bytes: int, max_pixels: int) -> list[Image.Image]:
     """The row's images, from inline bytes or fetched from storage."""
     if not row["images"]:
-        raise ValueError("the row names no image")
+        raise RowFailure("invalid_row", "the row names no image")
     inline = row.get("image_bytes") or []
     if inline:
-        return [decode_image(data, name) for data, name in zip(inline, row["images"])]
-    return [decode_image(read_bytes(uri, storage, max_image_bytes), uri) for uri in row["images"]]
+        return [decode_image(data, name, max_pixels) for data, name in zip(inline, row["images"])]
+    return [decode_image(read_bytes(uri, storage, max_image_bytes), uri, max_pixels) for uri in row["images"]]

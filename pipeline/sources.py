@@ -16,7 +16,6 @@ from pipeline.storage import filesystem_for, pyarrow_filesystem
 from schemas import MANIFEST_SCHEMA, align
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-ROWS_PER_BLOCK = 1000
 
 
 def read_source(config: JobConfig):
@@ -39,21 +38,67 @@ def read_manifest(config: JobConfig):
     }
     if suffix not in readers:
         raise ValueError(f"manifest {uri}: unknown format {suffix!r}; expected one of {sorted(readers)}")
-    return readers[suffix](path, filesystem=fs).map_batches(normalize_manifest, batch_format="pyarrow")
+    # Blocks of `rows_per_block` rows are the unit of streaming, retries and output files;
+    # a single big manifest file would otherwise be one block, answered and written in one piece.
+    return (
+        readers[suffix](path, filesystem=fs)
+        .repartition(target_num_rows_per_block=config.rows_per_block)
+        .map_batches(normalize_manifest, batch_format="pyarrow")
+    )
 
 
 def normalize_manifest(batch: pa.Table) -> pa.Table:
     """`image` (one URI) or `images` (a list, or a JSON list in CSV) → `images`; ids as strings."""
     rows = batch.to_pylist()
-    for n, row in enumerate(rows):
-        if row.get("id") is None:
-            raise ValueError(f"manifest row {n} has no id: {row}")
-        row["id"] = str(row["id"])
+    for row in rows:
+        row["id"] = "" if row.get("id") is None else str(row["id"])  # check_ids names rows without one
         images = row.get("images", row.get("image"))
         if isinstance(images, str):
             images = json.loads(images) if images.lstrip().startswith("[") else [images]
         row["images"] = images or []
     return align(rows, MANIFEST_SCHEMA)
+
+
+class ManifestError(ValueError):
+    """The input cannot be run as given: rows without an id, or ids that repeat."""
+
+
+def check_ids(config: JobConfig, shown: int = 10) -> None:
+    """Before any GPU work: every row has an id and no id repeats. Reads the ids only (the
+    manifest's id column, or the dataset's); the other inputs make unique ids."""
+    if config.manifest:
+        batches = read_manifest(config).select_columns(["id", "images"]).iter_batches(batch_format="pyarrow")
+        rows = (
+            (i, images)
+            for b in batches
+            for i, images in zip(b.column("id").to_pylist(), b.column("images").to_pylist())
+        )
+    elif config.dataset:
+        import datasets
+
+        ds = datasets.load_from_disk(config.dataset)
+        if config.id_column not in ds.column_names:
+            return  # the row index is the id
+        rows = ((None if i is None else str(i), None) for i in ds[config.id_column])
+    else:
+        return
+    seen: dict[str, int] = {}
+    unnamed = []
+    for row_id, images in rows:
+        if not row_id:
+            unnamed.append(images)
+        else:
+            seen[row_id] = seen.get(row_id, 0) + 1
+    repeated = {i: n for i, n in seen.items() if n > 1}
+    problems = []
+    if unnamed:
+        problems.append(f"{len(unnamed)} rows have no id (their images: {unnamed[:shown]})")
+    if repeated:
+        named = ", ".join(f"{i!r} ×{n}" for i, n in list(repeated.items())[:shown])
+        more = f" and {len(repeated) - shown} more" if len(repeated) > shown else ""
+        problems.append(f"{len(repeated)} ids repeat: {named}{more}")
+    if problems:
+        raise ManifestError("; ".join(problems) + ". Every row needs a unique id; nothing was run.")
 
 
 def list_images(config: JobConfig):
@@ -63,7 +108,7 @@ def list_images(config: JobConfig):
     if not paths:
         raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {config.images}")
     rows = [{"id": p[len(root) :].lstrip("/"), "images": [fs.unstrip_protocol(p)]} for p in paths]
-    return _from_rows(rows)
+    return _from_rows(rows, config.rows_per_block)
 
 
 def read_dataset(config: JobConfig):
@@ -107,14 +152,14 @@ def bundled_samples(config: JobConfig):
         {"id": c["id"], "images": [str(Path(SAMPLES_DIR, p).resolve()) for p in c["images"]], "question": c["question"]}
         for c in cases
     ]
-    return _from_rows(rows)
+    return _from_rows(rows, config.rows_per_block)
 
 
-def _from_rows(rows: list[dict]):
+def _from_rows(rows: list[dict], rows_per_block: int):
     import ray.data
 
     table = align(rows, MANIFEST_SCHEMA)
-    return ray.data.from_arrow([table.slice(i, ROWS_PER_BLOCK) for i in range(0, table.num_rows, ROWS_PER_BLOCK)])
+    return ray.data.from_arrow([table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)])
 
 
 SOURCES = {"manifest": read_manifest, "images": list_images, "dataset": read_dataset, "samples": bundled_samples}

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import time
 
 import fsspec
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from pipeline import faults
+
+log = logging.getLogger(__name__)
 
 
 class StorageOptions(BaseModel):
@@ -68,8 +74,36 @@ class ObjectTooLarge(Exception):
     """An object is over the size limit; it was not downloaded."""
 
 
-def read_bytes(uri: str, options: StorageOptions, max_bytes: int) -> bytes:
-    """The object's bytes; refuses objects over `max_bytes` before downloading them."""
+class TransientStorageError(OSError):
+    """Reading kept failing with errors that retrying might have cured."""
+
+
+# Errors that retrying does not cure; any other OSError (connection reset, timeout, throttling
+# surfaced by s3fs as OSError) is retried with backoff.
+PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def read_bytes(uri: str, options: StorageOptions, max_bytes: int, retries: int = 4, backoff_s: float = 0.2) -> bytes:
+    """The object's bytes; refuses objects over `max_bytes` before downloading them. Transient
+    errors are retried `retries` times, waiting backoff_s, 2·backoff_s, 4·backoff_s, ..."""
+    attempt = 0
+    while True:
+        try:
+            faults.before_read(uri)
+            return _read_once(uri, options, max_bytes)
+        except PERMANENT_ERRORS:
+            raise
+        except OSError as e:
+            if attempt == retries:
+                last = f"{type(e).__name__}: {e}"
+                raise TransientStorageError(f"{uri}: {retries + 1} attempts failed; last: {last}") from e
+            delay = backoff_s * 2**attempt
+            log.info("read of %s failed (%s: %s); retrying in %.2fs", uri, type(e).__name__, e, delay)
+            time.sleep(delay)
+            attempt += 1
+
+
+def _read_once(uri: str, options: StorageOptions, max_bytes: int) -> bytes:
     fs, path = filesystem_for(uri, options)
     size = fs.size(path)
     if size is not None and size > max_bytes:

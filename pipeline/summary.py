@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 SUMMARY_FILE = "_summary.json"
 COLUMNS = [
     "error",
+    "error_code",
     "pruned",
     "answer",
     "n_visual_tokens",
@@ -42,6 +43,7 @@ class Summary:
     rows: int
     rows_ok: int
     rows_failed: int
+    errors: dict[str, int]  # failed rows per error code
     visual_tokens: int
     visual_tokens_kept: int
     visual_tokens_saved: int
@@ -76,6 +78,7 @@ class Summary:
         """The summary as an aligned two-column table."""
         rows = [
             ("rows", f"{self.rows} ({self.rows_ok} answered, {self.rows_failed} failed)"),
+            *([("errors", ", ".join(f"{code} {n}" for code, n in self.errors.items()))] if self.errors else []),
             ("visual tokens", f"{self.visual_tokens:,} → {self.visual_tokens_kept:,} kept"),
             ("keep ratio", _ratio_line(self)),
             ("prompt tokens", f"{self.prompt_tokens:,} → {self.prompt_tokens_kept:,} kept"),
@@ -137,6 +140,7 @@ def summarize(table: pa.Table, output: str, wall_s: float, gpu_hourly_usd: float
         rows=table.num_rows,
         rows_ok=ok.num_rows,
         rows_failed=table.num_rows - ok.num_rows,
+        errors=_error_counts(table),
         visual_tokens=total("n_visual_tokens"),
         visual_tokens_kept=total("n_visual_kept"),
         visual_tokens_saved=total("n_visual_tokens") - total("n_visual_kept"),
@@ -169,6 +173,13 @@ def summarize(table: pa.Table, output: str, wall_s: float, gpu_hourly_usd: float
         else None,
         control_answer_agreement=_agreement(control) if control.num_rows else None,
     )
+
+
+def _error_counts(table: pa.Table) -> dict[str, int]:
+    """Failed rows per error code, most frequent first."""
+    codes = table.filter(pc.is_valid(table.column("error"))).column("error_code").fill_null("unknown")
+    counts = {c["values"]: c["counts"] for c in pc.value_counts(codes).to_pylist()}
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
 
 
 def _usd_per_1000(engine_s: float, rows: int, gpu_hourly_usd: float | None) -> float | None:

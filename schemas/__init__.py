@@ -10,6 +10,7 @@ Manifest (what a job reads; `image` or `images` names the inputs):
 Result (one row per manifest row, schema version in the file metadata under `glimpse_batch.schema`):
     id, images, question      as in the manifest (question as asked, after defaulting)
     answer                    string, null when the row failed
+    error_code                string, null when the row succeeded: a code of pipeline.failures.ERROR_CODES
     error                     string, null when the row succeeded: why there is no answer
     model, glimpse_modules    what answered (glimpse_modules null for the baseline)
     pruned                    bool, whether GlimpsePrune pruned this row
@@ -53,6 +54,7 @@ PREPARED_SCHEMA = pa.schema(
         pa.field("input_ids", pa.list_(pa.int64())),
         pa.field("pixel_values", pa.large_binary()),  # float32 [P, C·t·p·p], row-major
         pa.field("image_grid_thw", pa.list_(pa.int64())),  # [n_images × 3], flattened
+        pa.field("error_code", pa.string()),
         pa.field("error", pa.string()),
     ]
 )
@@ -63,6 +65,7 @@ RESULT_SCHEMA = pa.schema(
         pa.field("images", pa.list_(pa.string())),
         pa.field("question", pa.string()),
         pa.field("answer", pa.string()),
+        pa.field("error_code", pa.string()),
         pa.field("error", pa.string()),
         pa.field("model", pa.string()),
         pa.field("glimpse_modules", pa.string()),

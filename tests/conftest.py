@@ -31,6 +31,24 @@ def fixture_requests(max_new_tokens: int = 8):
     ]
 
 
+def write_fixture_manifest(path: Path, copies: int, prefix: str = "") -> list[dict]:
+    """A Parquet manifest of each fixture case `copies` times (ids `{prefix}{case}-{i}`); returns its rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [
+        {
+            "id": f"{prefix}{e['case']['id']}-{i}",
+            "image": str(FIXTURE / e["case"]["images"][0]),
+            "question": e["case"]["question"],
+        }
+        for i in range(copies)
+        for e in fixture_cases()
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return rows
+
+
 @pytest.fixture(scope="session")
 def fixture_engine():
     from pipeline.glimpse.engine import GlimpseEngine

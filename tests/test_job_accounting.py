@@ -18,22 +18,14 @@ from PIL import Image
 from pipeline.config import JobConfig
 from pipeline.infer import in_control_sample
 from pipeline.job import SUMMARY_FILE, run
-from tests.conftest import FIXTURE, fixture_cases, fixture_requests
+from tests.conftest import FIXTURE, fixture_requests, write_fixture_manifest
 
 MODEL = dict(model=str(FIXTURE / "base"), glimpse=str(FIXTURE / "glimpse"), max_new_tokens=6, batch_size=3)
 
 
 def write_manifest(path, copies: int = 2) -> list[str]:
     """Each fixture case `copies` times, plus one row whose image is missing; returns the ids."""
-    rows = [
-        {
-            "id": f"{e['case']['id']}-{i}",
-            "image": str(FIXTURE / e["case"]["images"][0]),
-            "question": e["case"]["question"],
-        }
-        for i in range(copies)
-        for e in fixture_cases()
-    ]
+    rows = write_fixture_manifest(path, copies)
     rows.append({"id": "missing", "image": str(FIXTURE / "images" / "nope.png"), "question": "what"})
     pq.write_table(pa.Table.from_pylist(rows), path)
     return [r["id"] for r in rows]
