@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.report import render
     from pipeline.storage import StorageOptions, filesystem_for, pyarrow_filesystem
-    from pipeline.summary import SUMMARY_FILE, summarize
+    from pipeline.summary import COLUMNS, SUMMARY_FILE, summarize
 
     storage = StorageOptions(**storage_overrides(args))
     fs, path = filesystem_for(args.output, storage)
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     summary_path = f"{path.rstrip('/')}/{SUMMARY_FILE}"
     written = json.loads(fs.cat(summary_path)) if fs.exists(summary_path) else {}
     arrow_fs, arrow_path = pyarrow_filesystem(args.output, storage)
-    table = pq.read_table(arrow_path, filesystem=arrow_fs)
+    table = pq.read_table(arrow_path, filesystem=arrow_fs, columns=COLUMNS)
     price = args.gpu_hourly_usd if args.gpu_hourly_usd is not None else written.get("gpu_hourly_usd")
     summary = summarize(table, args.output, written.get("wall_s", 0.0), price)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,8 +20,6 @@ from pipeline.sources import check_ids, read_source
 from pipeline.storage import pyarrow_filesystem
 from pipeline.summary import COLUMNS as SUMMARY_COLUMNS
 from pipeline.summary import SUMMARY_FILE, Summary, summarize
-
-log = logging.getLogger(__name__)
 
 
 def resolve_model(config: JobConfig) -> tuple[str, str | None]:

@@ -15,24 +15,11 @@ import pyarrow.compute as pc  # noqa: E402
 
 from pipeline.summary import Summary  # noqa: E402
 
-PLOT_COLUMNS = [
-    "n_visual_tokens",
-    "n_visual_kept",
-    "engine_s",
-    "prefill_flops",
-    "prefill_flops_unpruned",
-    "decode_flops",
-    "decode_flops_unpruned",
-    "kv_cache_bytes",
-    "kv_cache_bytes_unpruned",
-    "control_pruned_engine_s",
-    "control_unpruned_engine_s",
-]
-
 
 def render(table: pa.Table, summary: Summary) -> str:
-    """The report page: the summary table, then one figure per question a reader asks."""
-    ok = table.filter(pc.is_null(table.column("error"))).select(PLOT_COLUMNS).to_pydict()
+    """The report page: the summary table, then one figure per question a reader asks.
+    `table`: result rows, at least pipeline.summary.COLUMNS."""
+    ok = table.filter(pc.is_null(table.column("error"))).to_pydict()
     figures = [
         ("How much of each image is kept", _keep_ratio_histogram(ok)),
         ("Kept tokens against image size", _kept_against_size(ok)),
