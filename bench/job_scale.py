@@ -1,20 +1,20 @@
-"""Driver memory and throughput of the whole Ray job as the row count grows.
+"""The whole Ray job: throughput, how busy the engine is kept, and memory, as the row count grows.
 
     python bench/job_scale.py [--rows 500 2000] [--json out.json]
 
 Each run: a JSONL manifest of N rows over small generated images, the tiny model, 8 new tokens,
-local Ray. Prints rows/s and the driver's peak RSS (sampled every 50 ms while the job runs).
-A flat peak across row counts means the driver does not materialise the dataset.
+local Ray. Prints rows/s, the engine's busy fraction (seconds inside the engine over the
+answering actor's span of batches), the driver's peak RSS (sampled every 50 ms) and the
+machine's peak memory in use. A flat driver peak across row counts means the driver does not
+materialise the dataset.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -24,26 +24,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-
-class PeakRSS:
-    """Samples a memory figure in a thread (default: this process's resident memory)."""
-
-    def __init__(self, every_s: float = 0.05, read=lambda: psutil.Process().memory_info().rss) -> None:
-        self.peak, self.every_s, self.read, self._stop = 0, every_s, read, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.read())
-            time.sleep(self.every_s)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+from bench.measure import PeakRSS, machine  # noqa: E402
 
 
 def write_manifest(directory: Path, rows: int) -> Path:
@@ -88,7 +69,7 @@ def main() -> None:
                 prepare_batch_size=64,
             )
             before = psutil.Process().memory_info().rss
-            with PeakRSS() as peak:
+            with PeakRSS() as peak, PeakRSS(0.2, lambda: psutil.virtual_memory().used) as machine_peak:
                 summary = run(config)
             figures.append(
                 {
@@ -99,11 +80,13 @@ def main() -> None:
                     "rows_per_s": round(summary.rows_per_s, 2),
                     "driver_rss_before_mib": round(before / 2**20, 1),
                     "driver_peak_rss_mib": round(peak.peak / 2**20, 1),
+                    "machine_peak_used_gib": round(machine_peak.peak / 2**30, 2),
+                    "engine_busy_fraction": round(summary.engine_busy_fraction or 0.0, 3),
                 }
             )
             print(json.dumps(figures[-1]), flush=True)
     info = {
-        "machine": f"{os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB, no GPU",
+        "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
         "runs": figures,
     }

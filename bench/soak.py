@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from job_scale import PeakRSS  # noqa: E402  (bench/ is the script's folder)
+from bench.measure import PeakRSS  # noqa: E402
 
 BAD_CODES = {
     "missing": "not_found",

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     arrow_fs, arrow_path = pyarrow_filesystem(args.output, storage)
     table = pq.read_table(arrow_path, filesystem=arrow_fs, columns=COLUMNS)
     price = args.gpu_hourly_usd if args.gpu_hourly_usd is not None else written.get("gpu_hourly_usd")
-    summary = summarize(table, args.output, written.get("wall_s", 0.0), price)
+    summary = summarize(table, args.output, written.get("wall_s", 0.0), price, written.get("engine_busy_fraction"))
     args.out.mkdir(parents=True, exist_ok=True)
     report = args.out / "report.html"
     report.write_text(render(table, summary))

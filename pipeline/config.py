@@ -40,6 +40,10 @@ class JobConfig(BaseModel):
     threshold: float | None = Field(None, description="keep threshold (default: the modules')")
     max_keep_ratio: float | None = Field(None, description="keep at most this share of visual tokens")
     min_kept: int | None = Field(None, description="keep at least this many visual tokens")
+    keep_ratio: float | None = Field(
+        None, gt=0, le=1, description="benchmarks: keep exactly this share of visual tokens (e.g. 0.074)"
+    )
+    ignore_eos: bool = Field(False, description="benchmarks: generate exactly max_new_tokens, past end-of-sequence")
     max_new_tokens: int = Field(64, ge=1, description="answer length for rows that set none")
     min_pixels: int | None = Field(None, description="image processor min_pixels (default: checkpoint's)")
     max_pixels: int | None = Field(None, description="image processor max_pixels (default: checkpoint's)")
@@ -49,7 +53,19 @@ class JobConfig(BaseModel):
     )
     max_question_tokens: int = Field(1024, ge=1, description="longer questions are refused")
 
-    batch_size: int = Field(8, ge=1, description="requests per engine batch")
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="rows per engine call (none: 256 with GPUs, 8 without); they are sorted by prompt length, "
+        "prefilled prefill-rows at a time and decoded together as far as the KV-cache budget allows",
+    )
+    prefill_rows: int | None = Field(None, ge=1, description="rows per prefill chunk (none: 8 with GPUs, all without)")
+    kv_cache_gib: float | None = Field(
+        None,
+        gt=0,
+        description="decode KV-cache budget per actor "
+        "(none: 70 percent of the GPU memory free after loading; no budget on CPU)",
+    )
     num_actors: int = Field(1, ge=1, description="inference actors (one engine each)")
     gpus_per_actor: float | None = Field(None, ge=0, description="none: 1 when the cluster has GPUs, else 0")
     rows_per_block: int = Field(

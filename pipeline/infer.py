@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -43,6 +44,9 @@ class Answerer:
         max_pixels: int | None = None,
         control_fraction: float = 0.0,
         progress=None,
+        prefill_rows: int | None = None,
+        kv_cache_gib: float | None = None,
+        ignore_eos: bool = False,
     ) -> None:
         device, dtype = pick_device_and_dtype(dtype)
         self.engine = GlimpseEngine.from_pretrained(
@@ -60,8 +64,12 @@ class Answerer:
         self.model_name, self.glimpse_name = model, glimpse if self.prune else None
         self.control_fraction = control_fraction if self.prune else 0.0
         self.progress = progress
+        self.ignore_eos = ignore_eos
+        self.batching = dict(prefill_rows=prefill_rows, cache_budget_bytes=cache_budget_bytes(kv_cache_gib, device))
+        self.engine_s = 0.0  # wall seconds inside the engine during the current call
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        started, self.engine_s = time.time(), 0.0
         faults.before_batch()
         rows = batch.to_pylist()
         todo = [row for row in rows if row["error"] is None]
@@ -70,18 +78,19 @@ class Answerer:
         control = [row for row in todo if in_control_sample(row["id"], self.control_fraction)]
         if control:
             self._add_control(control, {row["id"]: row for row in out})
+        table = align(out, RESULT_SCHEMA)
         if self.progress is not None:
-            self.progress.add.remote(batch_counts(out))
-        return align(out, RESULT_SCHEMA)
+            self.progress.add.remote(batch_counts(out), started, time.time(), self.engine_s)
+        return table
 
     def _answer(self, rows: list[dict], prune: bool) -> dict[str, Result | Exception]:
         """Answers the rows together. Out of memory: each half again, down to single rows. Any other
         failure: each row alone, so that one bad row fails alone."""
-        requests = [_request(row) for row in rows]
+        requests = [_request(row, self.ignore_eos) for row in rows]
         prompts = [_prompt(row) for row in rows]
         try:
             faults.before_engine(len(rows))
-            return {r.id: r for r in self.engine.generate_prepared(requests, prompts, prune=prune)}
+            return {r.id: r for r in self._generate(requests, prompts, prune)}
         except torch.OutOfMemoryError as e:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -99,6 +108,14 @@ class Answerer:
             for row in rows:
                 out.update(self._answer([row], prune))
             return out
+
+    def _generate(self, requests: list[Request], prompts: list[PreparedPrompt], prune: bool) -> list[Result]:
+        """The engine call, its wall time added to this call's engine seconds (busy time)."""
+        started = time.perf_counter()
+        try:
+            return self.engine.generate_prepared(requests, prompts, prune=prune, **self.batching)
+        finally:
+            self.engine_s += time.perf_counter() - started
 
     def _add_control(self, rows: list[dict], outputs: dict[str, dict]) -> None:
         """Runs the control rows again, pruned and unpruned, as two batches of the same shape, so
@@ -133,9 +150,20 @@ def in_control_sample(row_id: str, fraction: float) -> bool:
     return int.from_bytes(digest, "big") < fraction * 2**64
 
 
-def _request(row: dict) -> Request:
+def cache_budget_bytes(kv_cache_gib: float | None, device: str) -> int | None:
+    """The decode KV-cache budget: as given; on a GPU by default 70% of the memory free once the
+    model is loaded (the rest is left to prefill activations); on a CPU none (one decode batch)."""
+    if kv_cache_gib is not None:
+        return int(kv_cache_gib * 2**30)
+    if device == "cuda":
+        return int(0.7 * torch.cuda.mem_get_info()[0])
+    return None
+
+
+def _request(row: dict, ignore_eos: bool) -> Request:
     # Images were already turned into pixel values by the CPU stage.
-    return Request(row["id"], [], row["question"], SamplingParams(max_new_tokens=int(row["max_new_tokens"])))
+    sampling = SamplingParams(max_new_tokens=int(row["max_new_tokens"]), ignore_eos=ignore_eos)
+    return Request(row["id"], [], row["question"], sampling)
 
 
 def _prompt(row: dict) -> PreparedPrompt:

@@ -43,7 +43,11 @@ def build_dataset(config: JobConfig, progress=None, skip_ids: pa.Array | None = 
     gpus = config.gpus_per_actor
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    selection = {k: v for k in ("threshold", "max_keep_ratio", "min_kept") if (v := getattr(config, k)) is not None}
+    selection = {
+        k: v for k in ("threshold", "max_keep_ratio", "min_kept", "keep_ratio") if (v := getattr(config, k)) is not None
+    }
+    batch_size = config.batch_size or (256 if gpus else 8)
+    prefill_rows = config.prefill_rows or (8 if gpus else None)
     source = read_source(config)
     if skip_ids is not None and len(skip_ids):
         source = source.map_batches(drop_ids, fn_kwargs=dict(ids=skip_ids), batch_format="pyarrow")
@@ -77,8 +81,11 @@ def build_dataset(config: JobConfig, progress=None, skip_ids: pa.Array | None = 
             max_pixels=config.max_pixels,
             control_fraction=config.control_fraction,
             progress=progress,
+            prefill_rows=prefill_rows,
+            kv_cache_gib=config.kv_cache_gib,
+            ignore_eos=config.ignore_eos,
         ),
-        batch_size=config.batch_size,
+        batch_size=batch_size,
         batch_format="pyarrow",
         concurrency=config.num_actors,
         num_gpus=gpus,
@@ -93,15 +100,17 @@ def run(config: JobConfig, overwrite: bool = False) -> Summary:
     check_ids(config)
     output = OutputDir(config.output, config.storage)
     done = output.start(overwrite)
-    counter = ProgressCounter.remote()
+    counter = ProgressCounter.remote(config.num_actors)
     dataset = build_dataset(config, counter, skip_ids=done)
     pending_fs, pending_path = pyarrow_filesystem(output.pending_uri, config.storage)
-    with ProgressLog(counter, config.progress_interval_s):
+    with ProgressLog(counter, config.progress_interval_s) as progress:
         dataset.write_parquet(pending_path, filesystem=pending_fs)
     output.publish()
     arrow_fs, arrow_path = pyarrow_filesystem(config.output, config.storage)
     table = pq.read_table(arrow_path, filesystem=arrow_fs, columns=SUMMARY_COLUMNS)
-    summary = summarize(table, config.output, time.perf_counter() - started, config.gpu_hourly_usd)
+    summary = summarize(
+        table, config.output, time.perf_counter() - started, config.gpu_hourly_usd, progress.final["engine_busy"]
+    )
     with output.fs.open(f"{output.path}/{SUMMARY_FILE}", "w") as f:
         json.dump(asdict(summary), f, indent=2)
     return summary

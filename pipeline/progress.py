@@ -28,26 +28,33 @@ def batch_counts(rows: list[dict]) -> dict[str, int]:
 
 @ray.remote(num_cpus=0)
 class ProgressCounter:
-    """Totals of the batches answered so far."""
+    """Totals of the batches answered so far, and how busy the engines were: the seconds spent
+    inside them over `actors` × the span from the first batch's start to the last one's end."""
 
-    def __init__(self) -> None:
+    def __init__(self, actors: int = 1) -> None:
         self.totals = {"rows": 0, "failed": 0, "visual_tokens": 0, "visual_kept": 0}
+        self.actors, self.engine_s, self.first, self.last = actors, 0.0, None, None
 
-    def add(self, counts: dict[str, int]) -> None:
+    def add(self, counts: dict[str, int], started: float, ended: float, engine_s: float) -> None:
         for key, value in counts.items():
             self.totals[key] += value
+        self.engine_s += engine_s
+        self.first = started if self.first is None else min(self.first, started)
+        self.last = ended if self.last is None else max(self.last, ended)
 
-    def snapshot(self) -> dict[str, int]:
-        return dict(self.totals)
+    def snapshot(self) -> dict:
+        span = (self.last - self.first) * self.actors if self.first is not None else 0.0
+        return {**self.totals, "engine_busy": min(self.engine_s / span, 1.0) if span > 0 else None}
 
 
-def progress_line(totals: dict[str, int], elapsed_s: float) -> str:
+def progress_line(totals: dict, elapsed_s: float) -> str:
     saved = totals["visual_tokens"] - totals["visual_kept"]
     share = saved / totals["visual_tokens"] if totals["visual_tokens"] else 0.0
     rate = totals["rows"] / elapsed_s if elapsed_s > 0 else 0.0
+    busy = f", engine busy {totals['engine_busy']:.0%}" if totals.get("engine_busy") is not None else ""
     return (
         f"progress: {totals['rows']} rows done ({totals['failed']} failed), {rate:.2f} rows/s, "
-        f"visual tokens saved {saved} ({share:.1%})"
+        f"visual tokens saved {saved} ({share:.1%}){busy}"
     )
 
 
@@ -68,12 +75,13 @@ class ProgressLog:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self._log()
+        self.final = self._log()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             self._log()
 
-    def _log(self) -> None:
+    def _log(self) -> dict:
         totals = ray.get(self.counter.snapshot.remote())
         log.info(progress_line(totals, time.perf_counter() - self._started))
+        return totals

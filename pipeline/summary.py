@@ -63,6 +63,7 @@ class Summary:
     wall_s: float
     rows_per_s: float
     engine_s: float
+    engine_busy_fraction: float | None  # engine seconds / (actors × their span of batches)
     engine_s_unpruned_estimate: float
     gpu_hourly_usd: float | None
     usd_per_1000_images: float | None
@@ -96,6 +97,8 @@ class Summary:
             ("engine seconds", f"{self.engine_s:.3g} (unpruned, estimated: {self.engine_s_unpruned_estimate:.3g})"),
             ("wall time", f"{self.wall_s:.1f}s, {self.rows_per_s:.2f} rows/s"),
         ]
+        if self.engine_busy_fraction is not None:
+            rows.append(("engine busy", f"{self.engine_busy_fraction:.0%} of the answering actors' time"))
         if self.usd_per_1000_images is not None:
             rows.append(
                 (
@@ -118,8 +121,15 @@ class Summary:
         return [f"{name:<{width}}  {value}" for name, value in rows]
 
 
-def summarize(table: pa.Table, output: str, wall_s: float, gpu_hourly_usd: float | None = None) -> Summary:
-    """Totals over result rows (RESULT_SCHEMA, at least COLUMNS)."""
+def summarize(
+    table: pa.Table,
+    output: str,
+    wall_s: float,
+    gpu_hourly_usd: float | None = None,
+    engine_busy_fraction: float | None = None,
+) -> Summary:
+    """Totals over result rows (RESULT_SCHEMA, at least COLUMNS). The engines' busy fraction is
+    measured while the job runs (not in the rows); None when not known."""
     ok = table.filter(pc.is_null(table.column("error")))
 
     def total(name, rows=ok):
@@ -160,6 +170,7 @@ def summarize(table: pa.Table, output: str, wall_s: float, gpu_hourly_usd: float
         wall_s=wall_s,
         rows_per_s=table.num_rows / wall_s if wall_s else 0.0,
         engine_s=engine_s,
+        engine_busy_fraction=engine_busy_fraction,
         engine_s_unpruned_estimate=unpruned_estimate,
         gpu_hourly_usd=gpu_hourly_usd,
         usd_per_1000_images=_usd_per_1000(engine_s, table.num_rows, gpu_hourly_usd),

@@ -1,14 +1,18 @@
-"""The analytic cost model against what torch counts, and the split of batch seconds among rows."""
+"""The analytic cost model against what torch counts, the split of batch seconds among rows, and the
+roofline model of where a run's time goes."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
 import pytest
+import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.glimpse.accounting import share_seconds
+from bench.roofline import TEMPLATE_TOKENS, VISUAL
+from pipeline.glimpse.accounting import H100_SXM, CostModel, RequestShape, Roofliner, share_seconds
 from pipeline.glimpse.engine import GlimpseEngine
+from pipeline.glimpse.presets import PRESETS, cost_model
 from tests.conftest import FIXTURE, fixture_requests
 from tests.test_engine import mixed_requests
 
@@ -81,3 +85,55 @@ def test_batch_engine_seconds_are_shared_out(fixture_engine):
 def test_share_seconds_splits_decode_among_running_rows():
     # Prefill 2 s by FLOPs 1:3; decode: both run until 1 s, then the second alone until 3 s.
     assert share_seconds(2.0, [1.0, 3.0], [1.0, 3.0]) == pytest.approx([0.5 + 0.5, 1.5 + 0.5 + 2.0])
+
+
+def test_parameter_count_equals_the_models(tiny_checkpoint):
+    from pipeline.glimpse.tiny import TinySpec, build_model
+
+    for spec in (TinySpec(), TinySpec(tie_word_embeddings=True, kv_heads=1)):
+        model = build_model(spec, 400)
+        assert CostModel(model.config, None, 4).parameters() == sum(p.numel() for p in model.parameters())
+    with torch.device("meta"):
+        big = build_model(PRESETS["qwen2.5-vl-7b"].spec, 400, device="meta")
+    assert CostModel(big.config, None, 2).parameters() == sum(p.numel() for p in big.parameters())
+
+
+def seven_b_roofline():
+    """The issue's setting: Qwen2.5-VL-7B, bf16, one 1280×960 image (68×92 patches), a 20-token
+    question, keep ratio 7.4%, on an H100."""
+    prompt = VISUAL + 20 + TEMPLATE_TOKENS
+    return Roofliner(cost_model("qwen2.5-vl-7b"), H100_SXM), VISUAL, prompt, prompt - VISUAL + round(0.074 * VISUAL)
+
+
+@pytest.mark.parametrize(("new_tokens", "capped_low", "capped_high"), [(128, 1.3, 1.55), (512, 1.6, 1.8)])
+def test_roofline_reproduces_the_published_shape_of_the_savings(new_tokens, capped_low, capped_high):
+    """Pruning cuts prefill by about a fifth; at equal batch the run is about 1.3x faster; under a
+    24 GiB budget the pruned batch is far larger and the gain grows with the answer length."""
+    roof, visual, prompt, kept = seven_b_roofline()
+    shape = RequestShape(((1, 68, 92),), prompt, kept, new_tokens)
+    costs = roof.costs
+    shrink = 1 - costs.prefill_flops([(1, 68, 92)], prompt, kept, True) / costs.prefill_flops(
+        [(1, 68, 92)], prompt, kept, False
+    )
+    assert 0.15 < shrink < 0.25
+    equal = roof.run(shape, 256, 64, True).images_per_s / roof.run(shape, 256, 64, False).images_per_s
+    assert 1.2 < equal < 1.4
+    budget = 24 * 2**30
+    pruned_batch, unpruned_batch = (roof.largest_batch(shape, p, budget, prefill_rows=8) for p in (True, False))
+    capped = (
+        roof.run(shape, 256, pruned_batch, True).images_per_s / roof.run(shape, 256, unpruned_batch, False).images_per_s
+    )
+    assert capped_low < capped < capped_high
+    if new_tokens == 128:
+        assert pruned_batch >= 5 * unpruned_batch
+    # The largest batch fits the budget and one more row does not.
+    used = costs.parameters() * 2 + roof.prefill_workspace_bytes(shape, 8)
+    per_row = shape.context(True) * costs.kv_bytes_per_token() + costs.text.vocab * 4
+    assert used + pruned_batch * per_row <= budget < used + (pruned_batch + 1) * per_row
+
+
+def test_decode_steps_are_bandwidth_bound_at_small_batch_and_grow_with_the_cache():
+    roof, *_ = seven_b_roofline()
+    weights_only = roof.costs.decode_weight_bytes() / H100_SXM.hbm_bytes_per_s
+    assert roof.decode_step_seconds(1, 0) == pytest.approx(weights_only)
+    assert roof.decode_step_seconds(64, 2000) > roof.decode_step_seconds(64, 200) > weights_only

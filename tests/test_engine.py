@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.glimpse.baseline import transformers_generate
 from pipeline.glimpse.engine import GlimpseEngine, Request
 from pipeline.glimpse.errors import ModuleMismatchError, RequestError
 from pipeline.glimpse.modules import GlimpseModules
@@ -36,28 +37,29 @@ def mixed_requests():
     ]
 
 
-def hf_generate(engine, request):
-    prompt = engine.prepare(request)
-    ids = prompt.input_ids[None]
-    out = engine.model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        pixel_values=prompt.pixel_values,
-        image_grid_thw=prompt.image_grid_thw,
-        mm_token_type_ids=(ids == engine.image_token_id).int(),
-        max_new_tokens=request.sampling.max_new_tokens,
-        do_sample=False,
-    )
-    return out[0, ids.shape[1] :].tolist()
-
-
 def test_baseline_equals_transformers_generate(tiny_engine):
     requests = mixed_requests()
     ours = tiny_engine.generate(requests, prune=False, batch_size=len(requests))
     for request, result in zip(requests, ours):
-        assert result.new_tokens == hf_generate(tiny_engine, request), request.id
+        alone = transformers_generate(tiny_engine, [tiny_engine.prepare(request)], request.sampling.max_new_tokens)
+        assert result.new_tokens == alone[0], request.id
         assert result.n_visual_kept == result.n_visual_tokens
         assert result.n_prompt_tokens_kept == result.n_prompt_tokens
+
+
+def test_transformers_generate_batched_matches_the_engine_at_a_fixed_length(tiny_engine):
+    requests = [
+        Request(r.id, r.images, r.question, SamplingParams(max_new_tokens=7, ignore_eos=True)) for r in mixed_requests()
+    ]
+    prompts = [tiny_engine.prepare(r) for r in requests]
+    ours = tiny_engine.generate_prepared(requests, prompts, prune=False)
+    theirs = transformers_generate(tiny_engine, prompts, 7, ignore_eos=True)
+    assert [len(t) for t in theirs] == [7, 7, 7]
+    assert all(r.n_generated_tokens == 7 and r.finish_reason == "length" for r in ours)
+    # min_new_tokens masks EOS in transformers; ignore_eos keeps it: compare up to the first EOS.
+    for result, tokens in zip(ours, theirs):
+        stop = next((i for i, t in enumerate(result.new_tokens) if t in tiny_engine.eos_token_ids), 7)
+        assert result.new_tokens[:stop] == tokens[:stop]
 
 
 def test_two_images_and_tiny_image_are_answered_the_same_alone_and_batched(tiny_engine):
@@ -130,6 +132,37 @@ def test_end_of_sequence_stops_a_row_while_others_go_on(fixture_engine):
     assert (r1.new_tokens, r1.finish_reason) == ([90], "stop")
     assert (r2.new_tokens, r2.finish_reason) == ([227, 146, 90], "stop")
     assert r1.decode_s <= r2.decode_s
+
+
+def test_ignore_eos_generates_exactly_max_new_tokens(fixture_engine):
+    c1, c2 = fixture_requests()[:2]
+    c1.sampling = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    saved = fixture_engine.eos_token_ids
+    fixture_engine.eos_token_ids = {90}  # c1's first greedy token
+    try:
+        r1, r2 = fixture_engine.generate([c1, c2], batch_size=2)
+    finally:
+        fixture_engine.eos_token_ids = saved
+    assert (r1.new_tokens, r1.finish_reason) == (fixture_cases()[0]["glimpse"]["new_tokens"], "length")
+    assert r2.finish_reason == "stop"
+
+
+def test_chunked_prefill_under_a_cache_budget_answers_the_same(fixture_engine, monkeypatch):
+    requests = fixture_requests()
+    prompts = [fixture_engine.prepare(r) for r in requests]
+    whole = fixture_engine.generate_prepared(requests, prompts, emit_masks=True)
+    decode_batches = []
+    decode = fixture_engine._decode
+    monkeypatch.setattr(
+        fixture_engine, "_decode", lambda state, params: decode_batches.append(len(params)) or decode(state, params)
+    )
+    widest = max(len(p.input_ids) for p in prompts) + 8
+    budget = 2 * widest * fixture_engine.costs.kv_bytes_per_token()  # room for two rows at least
+    split = fixture_engine.generate_prepared(
+        requests, prompts, emit_masks=True, prefill_rows=1, cache_budget_bytes=budget
+    )
+    assert [(r.id, r.new_tokens, r.kept_mask) for r in split] == [(r.id, r.new_tokens, r.kept_mask) for r in whole]
+    assert sum(decode_batches) == 5 and 2 <= max(decode_batches) < 5, decode_batches
 
 
 def test_max_new_tokens_per_request(fixture_engine):

@@ -11,10 +11,11 @@ import pytest
 
 from pipeline.config import JobConfig
 from pipeline.glimpse.__main__ import main as glimpse_cli
+from pipeline.glimpse.sampling import SamplingParams
 from pipeline.job import SUMMARY_FILE, run
 from pipeline.storage import StorageOptions, pyarrow_filesystem
 from schemas import SCHEMA_METADATA_KEY, SCHEMA_VERSION
-from tests.conftest import FIXTURE, fixture_cases
+from tests.conftest import FIXTURE, fixture_cases, fixture_requests, write_fixture_manifest
 
 MODEL = dict(model=str(FIXTURE / "base"), glimpse=str(FIXTURE / "glimpse"), max_new_tokens=8, batch_size=3)
 
@@ -173,3 +174,36 @@ def test_built_in_demo_runs_on_bundled_samples(ray_session, tmp_path):
     assert sorted(r["id"] for r in rows) == sorted(c["id"] for c in samples)
     assert all(r["n_generated_tokens"] == 4 or r["finish_reason"] == "stop" for r in rows)
     assert (tmp_path / "out" / SUMMARY_FILE).exists()
+
+
+def test_workload_mode_fixes_keep_ratio_and_answer_length_under_a_cache_budget(ray_session, tmp_path, fixture_engine):
+    """keep_ratio and ignore_eos through the job, rows prefilled two at a time and decoded in
+    batches a tiny KV-cache budget splits: every row keeps exactly its share and answers exactly
+    max_new_tokens tokens, the same tokens the engine gives it alone."""
+    write_fixture_manifest(tmp_path / "m.parquet", copies=2)
+    config = JobConfig(
+        manifest=str(tmp_path / "m.parquet"),
+        output=str(tmp_path / "out"),
+        keep_ratio=0.25,
+        ignore_eos=True,
+        prefill_rows=2,
+        kv_cache_gib=2 * 300 * fixture_engine.costs.kv_bytes_per_token() / 2**30,
+        **{**MODEL, "batch_size": 10},
+    )
+    run(config)
+    rows = pq.read_table(tmp_path / "out").to_pylist()
+    assert len(rows) == 10 and all(r["error"] is None for r in rows)
+    saved = fixture_engine.selection
+    fixture_engine.selection = saved.overridden(keep_ratio=0.25)
+    try:
+        alone = {}
+        for request in fixture_requests():
+            request.sampling = SamplingParams(max_new_tokens=8, ignore_eos=True)
+            alone[request.id] = fixture_engine.generate([request])[0]
+    finally:
+        fixture_engine.selection = saved
+    for row in rows:
+        expected = alone[row["id"].rsplit("-", 1)[0]]
+        assert row["n_generated_tokens"] == 8 and row["finish_reason"] == "length"
+        assert row["n_visual_kept"] == max(1, round(0.25 * row["n_visual_tokens"]))
+        assert row["answer"] == expected.answer, row["id"]

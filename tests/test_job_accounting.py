@@ -135,6 +135,10 @@ def test_progress_lines_while_the_job_runs(controlled_job):
     assert lines, controlled_job.messages
     assert lines[-1].startswith(f"progress: {len(controlled_job.ids)} rows done (1 failed)")
     assert "rows/s, visual tokens saved" in lines[-1]
+    busy = float(lines[-1].rsplit("engine busy ", 1)[1].rstrip("%")) / 100
+    assert 0 < busy <= 1
+    assert controlled_job.summary.engine_busy_fraction == pytest.approx(busy, abs=0.01)
+    assert controlled_job.written["engine_busy_fraction"] == controlled_job.summary.engine_busy_fraction
 
 
 def test_control_sample_is_deterministic_and_about_the_fraction():

@@ -26,6 +26,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threshold", type=float, help="keep tokens with sigmoid(VIP logit) above this (default: modules')")
     p.add_argument("--max-keep-ratio", type=float, help="keep at most this share of visual tokens")
     p.add_argument("--min-kept", type=int, help="keep at least this many visual tokens")
+    p.add_argument("--keep-ratio", type=float, help="benchmarks: keep exactly this share of visual tokens")
+    p.add_argument("--ignore-eos", action="store_true", help="benchmarks: generate exactly max_new_tokens")
     p.add_argument("--emit-masks", action="store_true", help="add each result's kept_mask")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -35,12 +37,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error("--batch-size must be >= 1")
-    if (args.threshold, args.max_keep_ratio, args.min_kept) != (None, None, None) and not args.glimpse:
-        p.error("--threshold/--max-keep-ratio/--min-kept need --glimpse")
+    if (args.threshold, args.max_keep_ratio, args.min_kept, args.keep_ratio) != (None,) * 4 and not args.glimpse:
+        p.error("--threshold/--max-keep-ratio/--min-kept/--keep-ratio need --glimpse")
     return args
 
 
-def load_requests(path: Path, root: Path, max_new_tokens: int):
+def load_requests(path: Path, root: Path, max_new_tokens: int, ignore_eos: bool = False):
     """cases.json → Requests, with images opened; errors name the case and the file."""
     from PIL import Image
 
@@ -71,6 +73,7 @@ def load_requests(path: Path, root: Path, max_new_tokens: int):
             temperature=case.get("temperature", 0.0),
             top_p=case.get("top_p", 1.0),
             seed=case.get("seed", 0),
+            ignore_eos=ignore_eos,
         )
         requests.append(Request(id=str(case["id"]), images=images, question=case["question"], sampling=sampling))
     return requests
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from pipeline.glimpse.engine import GlimpseEngine
 
-    requests = load_requests(args.requests, args.root or args.requests.parent, args.max_new_tokens)
+    requests = load_requests(args.requests, args.root or args.requests.parent, args.max_new_tokens, args.ignore_eos)
     engine = GlimpseEngine.from_pretrained(
         args.model,
         args.glimpse,
@@ -92,7 +95,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     if engine.can_prune:
         engine.selection = engine.selection.overridden(
-            threshold=args.threshold, max_keep_ratio=args.max_keep_ratio, min_kept=args.min_kept
+            threshold=args.threshold,
+            max_keep_ratio=args.max_keep_ratio,
+            min_kept=args.min_kept,
+            keep_ratio=args.keep_ratio,
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     started, done = time.perf_counter(), 0

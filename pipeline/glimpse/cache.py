@@ -50,15 +50,27 @@ class PrunableKVCache:
                 self.keys[layer_idx] = k.index_select(0, rows)
                 self.values[layer_idx] = self.values[layer_idx].index_select(0, rows)
 
-    def reserve(self, extra: int) -> None:
-        """Moves every layer into buffers with room for `extra` more columns, so decode writes in place."""
-        for layer_idx in range(len(self.keys)):
-            k, v = self.layer(layer_idx)
-            shape = (*k.shape[:2], k.shape[2] + extra, k.shape[3])
-            self.keys[layer_idx] = k.new_empty(shape)
-            self.values[layer_idx] = v.new_empty(shape)
-            self.keys[layer_idx][:, :, : k.shape[2]] = k
-            self.values[layer_idx][:, :, : v.shape[2]] = v
+    @classmethod
+    def merged(cls, caches: list[PrunableKVCache], extra: int) -> PrunableKVCache:
+        """One cache holding the rows of `caches` in order, each right-aligned (left-padded) to the
+        widest, in buffers with room for `extra` more columns: decode then writes in place. The only
+        copy of the (pruned) prefill cache; padding columns are zeros, masked out by the caller."""
+        width = max(c.lengths[0] for c in caches)
+        rows = sum(c.keys[0].shape[0] for c in caches)
+        out = cls(len(caches[0].keys))
+        for layer_idx in range(len(out.keys)):
+            k0 = caches[0].keys[layer_idx]
+            shape = (rows, k0.shape[1], width + extra, k0.shape[3])
+            keys, values = k0.new_zeros(shape), k0.new_zeros(shape)
+            start = 0
+            for cache in caches:
+                k, v = cache.layer(layer_idx)
+                end = start + k.shape[0]
+                keys[start:end, :, width - k.shape[2] : width] = k
+                values[start:end, :, width - k.shape[2] : width] = v
+                start = end
+            out.keys[layer_idx], out.values[layer_idx], out.lengths[layer_idx] = keys, values, width
+        return out
 
     def nbytes(self) -> int:
         """Bytes of the columns in use, all layers."""

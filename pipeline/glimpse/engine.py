@@ -78,6 +78,15 @@ class _Prefill:
     kept: list[torch.Tensor]
 
 
+@dataclass
+class _Chunk:
+    """Requests prefilled together: their indices, the state, the prefill seconds."""
+
+    rows: list[int]
+    state: _Prefill
+    seconds: float
+
+
 class GlimpseEngine:
     """Answers batches of requests with one model loaded once."""
 
@@ -150,35 +159,80 @@ class GlimpseEngine:
     def generate(
         self, requests: list[Request], *, prune: bool = True, emit_masks: bool = False, batch_size: int = 8
     ) -> list[Result]:
-        """Answers `requests` in order, `batch_size` at a time."""
-        results = []
-        for start in range(0, len(requests), batch_size):
-            chunk = requests[start : start + batch_size]
-            results.extend(self.generate_prepared(chunk, [self.prepare(r) for r in chunk], prune, emit_masks))
-        return results
+        """Answers `requests` in order, `batch_size` at a time, batches formed by prompt length."""
+        prompts = [self.prepare(r) for r in requests]
+        results: dict[int, Result] = {}
+        for group in length_batches([len(p.input_ids) for p in prompts], batch_size):
+            answered = self.generate_prepared(
+                [requests[i] for i in group], [prompts[i] for i in group], prune, emit_masks
+            )
+            results.update(zip(group, answered))
+        return [results[i] for i in range(len(requests))]
 
     @torch.inference_mode()
     def generate_prepared(
-        self, requests: list[Request], prompts: list[PreparedPrompt], prune: bool = True, emit_masks: bool = False
+        self,
+        requests: list[Request],
+        prompts: list[PreparedPrompt],
+        prune: bool = True,
+        emit_masks: bool = False,
+        *,
+        prefill_rows: int | None = None,
+        cache_budget_bytes: int | None = None,
     ) -> list[Result]:
-        """One batch: prefill (pruned when `prune` and modules are loaded), then decode."""
+        """Answers `requests` (results in their order). Prefill runs `prefill_rows` requests at a
+        time (default: all at once), shortest prompts first; each chunk's pruned cache joins one
+        decode batch until the decode cache (rows × (widest kept prompt + longest answer)) would
+        pass `cache_budget_bytes`: pruning shrinks the cache, so the budget holds more rows."""
         prune = prune and self.can_prune
-        started = time.perf_counter()
-        state = self._prefill(prompts, prune)
-        prefill_s = time.perf_counter() - started
-        tokens, reasons, decode_s = self._decode(state, [r.sampling for r in requests])
-        counts = [self._token_counts(prompt, kept) for prompt, kept in zip(prompts, state.kept)]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].input_ids))
+        chunk = prefill_rows or max(len(order), 1)
+        results: list[Result | None] = [None] * len(requests)
+        waiting: list[_Chunk] = []
+        for start in range(0, len(order), chunk):
+            rows = order[start : start + chunk]
+            started = time.perf_counter()
+            state = self._prefill([prompts[i] for i in rows], prune)
+            self._synchronize()
+            prefilled = _Chunk(rows, state, time.perf_counter() - started)
+            if waiting and self._over_budget([*waiting, prefilled], requests, cache_budget_bytes):
+                self._decode_chunks(waiting, requests, prompts, prune, emit_masks, results)
+                waiting = []
+            waiting.append(prefilled)
+        if waiting:
+            self._decode_chunks(waiting, requests, prompts, prune, emit_masks, results)
+        return results
+
+    def _synchronize(self) -> None:
+        """Waits for queued GPU work, so that a timer read next measures it."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _over_budget(self, chunks: list[_Chunk], requests: list[Request], budget: int | None) -> bool:
+        if budget is None:
+            return False
+        rows = [r for c in chunks for r in c.rows]
+        width = max(c.state.valid.shape[1] for c in chunks) + max(requests[r].sampling.max_new_tokens for r in rows)
+        return len(rows) * width * self.costs.kv_bytes_per_token() > budget
+
+    def _decode_chunks(self, chunks, requests, prompts, prune, emit_masks, results) -> None:
+        """Decodes prefilled chunks as one batch and fills their rows of `results`."""
+        rows = [r for c in chunks for r in c.rows]
+        state = _merge([c.state for c in chunks], max(requests[r].sampling.max_new_tokens for r in rows))
+        prefill_s = sum(c.seconds for c in chunks)
+        tokens, reasons, decode_s = self._decode(state, [requests[r].sampling for r in rows])
+        counts = [self._token_counts(prompts[r], kept) for r, kept in zip(rows, state.kept)]
         costs = [
-            self.costs.row(_grid(prompt), n_prompt, n_prompt_kept, len(new), prune)
-            for prompt, (_, _, n_prompt, n_prompt_kept), new in zip(prompts, counts, tokens)
+            self.costs.row(_grid(prompts[r]), n_prompt, n_prompt_kept, len(new), prune)
+            for r, (_, _, n_prompt, n_prompt_kept), new in zip(rows, counts, tokens)
         ]
         engine_s = share_seconds(prefill_s, [c.prefill_flops for c in costs], decode_s)
-        return [
-            Result(
-                id=request.id,
+        for slot, (r, new, (n_visual, n_kept, n_prompt, n_prompt_kept)) in enumerate(zip(rows, tokens, counts)):
+            results[r] = Result(
+                id=requests[r].id,
                 answer=self.prompts.tokenizer.decode(new, skip_special_tokens=True),
                 new_tokens=new,
-                finish_reason=reasons[row],
+                finish_reason=reasons[slot],
                 pruned=prune,
                 n_visual_tokens=n_visual,
                 n_visual_kept=n_kept,
@@ -186,15 +240,11 @@ class GlimpseEngine:
                 n_prompt_tokens_kept=n_prompt_kept,
                 n_generated_tokens=len(new),
                 prefill_s=prefill_s,
-                decode_s=decode_s[row],
-                engine_s=engine_s[row],
-                cost=costs[row],
-                kept_mask=state.kept[row].int().tolist() if emit_masks and prune else None,
+                decode_s=decode_s[slot],
+                engine_s=engine_s[slot],
+                cost=costs[slot],
+                kept_mask=state.kept[slot].int().tolist() if emit_masks and prune else None,
             )
-            for row, (request, new, (n_visual, n_kept, n_prompt, n_prompt_kept)) in enumerate(
-                zip(requests, tokens, counts)
-            )
-        ]
 
     def _token_counts(self, prompt: PreparedPrompt, kept: torch.Tensor) -> tuple[int, int, int, int]:
         """Visual tokens before and after pruning, prompt tokens before and after."""
@@ -318,47 +368,75 @@ class GlimpseEngine:
     # ---- decode --------------------------------------------------------------------------------
 
     def _decode(self, state: _Prefill, params: list[SamplingParams]):
-        """Generates on the pruned cache; a finished row leaves the batch. Returns per row:
-        new token ids, finish reason, decode seconds until it finished."""
+        """Generates on the merged cache, writing each step's keys and values in place. Finished rows
+        ride along (their tokens ignored) until a quarter of the batch has finished, then leave it
+        in one copy. Returns per row: new token ids, finish reason, decode seconds until it finished."""
         started = time.perf_counter()
         batch = len(params)
         tokens: list[list[int]] = [[] for _ in range(batch)]
         reasons = ["length"] * batch
         seconds = [0.0] * batch
         generators = [make_generator(p.seed, self.device) if not p.greedy else None for p in params]
-        rows = list(range(batch))  # batch row → request index
+        owners = list(range(batch))  # batch slot → request index
+        alive = [True] * batch
         cache, valid, next_pos = state.cache, state.valid, state.next_pos
-        cache.reserve(max(p.max_new_tokens for p in params))
-        chosen = next_tokens(state.logits, [params[r] for r in rows], [generators[r] for r in rows])
+        chosen = next_tokens(state.logits, params, generators)
         while True:
-            still = []
-            for slot, (r, token) in enumerate(zip(rows, chosen.tolist())):
+            for slot, token in enumerate(chosen.tolist()):
+                r = owners[slot]
+                if not alive[slot]:
+                    continue
                 tokens[r].append(token)
-                if token in self.eos_token_ids:
+                stop = token in self.eos_token_ids and not params[r].ignore_eos
+                if stop:
                     reasons[r] = "stop"
-                if token in self.eos_token_ids or len(tokens[r]) >= params[r].max_new_tokens:
-                    seconds[r] = time.perf_counter() - started
-                else:
-                    still.append(slot)
-            if not still:
+                if stop or len(tokens[r]) >= params[r].max_new_tokens:
+                    seconds[r], alive[slot] = time.perf_counter() - started, False
+            live = [slot for slot, a in enumerate(alive) if a]
+            if not live:
                 return tokens, reasons, seconds
-            if len(still) < len(rows):
-                keep = torch.tensor(still, device=self.device)
+            if len(live) <= 3 * len(owners) // 4:
+                keep = torch.tensor(live, device=self.device)
                 cache.select_rows(keep)
                 valid, next_pos, chosen = valid[keep], next_pos[:, keep], chosen[keep]
-                rows = [rows[s] for s in still]
-            valid = torch.cat([valid, valid.new_ones(len(rows), 1)], dim=1)
+                owners, alive = [owners[slot] for slot in live], [True] * len(live)
+            used = cache.lengths[0] + 1
+            valid[:, used - 1] = True
             hidden = self.language_model.embed_tokens(chosen[:, None])
-            positions = next_pos[:, :, None]
-            rotary = self.language_model.rotary_emb(hidden, positions)
-            mask = attention_mask(valid, 1, self.attn_implementation, hidden.dtype)
+            rotary = self.language_model.rotary_emb(hidden, next_pos[:, :, None])
+            mask = attention_mask(valid[:, :used], 1, self.attn_implementation, hidden.dtype)
             for layer in self.language_model.layers:
                 hidden = _layer_output(
                     layer(hidden, attention_mask=mask, position_embeddings=rotary, past_key_values=cache)
                 )
             logits = self.model.lm_head(self.language_model.norm(hidden[:, -1]))
             next_pos = next_pos + 1
-            chosen = next_tokens(logits, [params[r] for r in rows], [generators[r] for r in rows])
+            chosen = next_tokens(logits, [params[r] for r in owners], [generators[r] for r in owners])
+
+
+def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped `batch_size` at a time in order of length, so a batch pads little."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _merge(states: list[_Prefill], extra: int) -> _Prefill:
+    """Prefilled chunks as one decode batch: rows in order, right-aligned, `extra` columns free."""
+    cache = PrunableKVCache.merged([s.cache for s in states], extra)
+    width = cache.lengths[0]
+    valid = states[0].valid.new_zeros(sum(s.valid.shape[0] for s in states), width + extra)
+    start = 0
+    for s in states:
+        end = start + s.valid.shape[0]
+        valid[start:end, width - s.valid.shape[1] : width] = s.valid
+        start = end
+    return _Prefill(
+        logits=torch.cat([s.logits for s in states]),
+        cache=cache,
+        valid=valid,
+        next_pos=torch.cat([s.next_pos for s in states], dim=1),
+        kept=[k for s in states for k in s.kept],
+    )
 
 
 def _layer_output(output):

@@ -9,12 +9,14 @@ import torch
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 means greedy; seed makes a sampled answer the same alone or in any batch."""
+    """temperature 0 means greedy; seed makes a sampled answer the same alone or in any batch;
+    ignore_eos generates exactly max_new_tokens (for benchmarks: a fixed answer length)."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

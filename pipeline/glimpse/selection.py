@@ -9,17 +9,22 @@ import torch
 
 @dataclass(frozen=True)
 class SelectionOptions:
-    """threshold on sigmoid(logit); max_keep_ratio caps the kept share (None: no cap); min_kept floors the count."""
+    """threshold on sigmoid(logit); max_keep_ratio caps the kept share (None: no cap); min_kept floors
+    the count. keep_ratio, for benchmarks, keeps exactly that share of the most likely tokens
+    (rounded, at least min_kept and 1) whatever the threshold says, so runs compare like with like."""
 
     threshold: float = 0.5
     max_keep_ratio: float | None = None
     min_kept: int = 1
+    keep_ratio: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
         if self.max_keep_ratio is not None and not 0.0 < self.max_keep_ratio <= 1.0:
             raise ValueError(f"max_keep_ratio must be in (0, 1], got {self.max_keep_ratio}")
+        if self.keep_ratio is not None and not 0.0 < self.keep_ratio <= 1.0:
+            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
         if self.min_kept < 0:
             raise ValueError(f"min_kept must be >= 0, got {self.min_kept}")
 
@@ -32,6 +37,8 @@ def select_tokens(logits: torch.Tensor, options: SelectionOptions) -> torch.Tens
     """logits [N] of one sample (all its images) → keep mask [N] bool."""
     probs = logits.float().sigmoid()
     n = probs.numel()
+    if options.keep_ratio is not None:
+        return _top(probs, min(n, max(1, options.min_kept, round(options.keep_ratio * n))))
     keep = probs > options.threshold
     if options.max_keep_ratio is not None and int(keep.sum()) > options.max_keep_ratio * n:
         keep = _top(probs, max(1, min(n, int(options.max_keep_ratio * n))))

@@ -49,15 +49,23 @@ CORPUS = [
 
 @dataclass(frozen=True)
 class TinySpec:
-    """Sizes of the tiny model; the defaults match the shared glimpse-tiny fixture's shape."""
+    """Sizes of the model; the defaults are the tiny model, shaped like the shared glimpse-tiny
+    fixture. `presets.py` holds real-size shapes built the same way (random weights)."""
 
     layers: int = 4
     hidden: int = 64
     heads: int = 4
     kv_heads: int = 2
+    intermediate: int | None = None  # None: 2 × hidden
     vision_depth: int = 4
     vision_hidden: int = 32
-    vocab_size: int = 400
+    vision_heads: int = 2
+    vision_intermediate: int | None = None  # None: 2 × vision_hidden
+    full_attention_blocks: tuple[int, ...] | None = None  # None: block 1 and the last
+    vocab_size: int = 400  # the tokenizer's size; the embedding is at least `embedding_rows`
+    embedding_rows: int = 0
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
     seed: int = 0
 
 
@@ -86,28 +94,28 @@ def build_tokenizer(vocab_size: int):
     return wrapped
 
 
-def build_model(spec: TinySpec, vocab_size: int):
-    import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+def build_config(spec: TinySpec, vocab_size: int):
+    """A Qwen2.5-VL config of `spec`'s sizes, with the special token ids of `build_tokenizer`."""
+    from transformers import Qwen2_5_VLConfig
 
     half = spec.hidden // spec.heads // 2
     # M-RoPE splits the rotary half-dim over (t, h, w) as Qwen does: 1/4, 3/8, 3/8.
     t = half // 4
     h = (half - t) // 2
-    config = Qwen2_5_VLConfig(
+    return Qwen2_5_VLConfig(
         text_config=dict(
-            vocab_size=vocab_size,
+            vocab_size=max(vocab_size, spec.embedding_rows),
             hidden_size=spec.hidden,
-            intermediate_size=2 * spec.hidden,
+            intermediate_size=spec.intermediate or 2 * spec.hidden,
             num_hidden_layers=spec.layers,
             num_attention_heads=spec.heads,
             num_key_value_heads=spec.kv_heads,
-            max_position_embeddings=4096,
+            max_position_embeddings=32768,
             rms_norm_eps=1e-5,
-            tie_word_embeddings=False,
+            tie_word_embeddings=spec.tie_word_embeddings,
             rope_parameters={
                 "rope_type": "default",
-                "rope_theta": 10000.0,
+                "rope_theta": spec.rope_theta,
                 "mrope_section": [t, h, half - t - h],
             },
             bos_token_id=0,
@@ -117,14 +125,14 @@ def build_model(spec: TinySpec, vocab_size: int):
         vision_config=dict(
             depth=spec.vision_depth,
             hidden_size=spec.vision_hidden,
-            intermediate_size=2 * spec.vision_hidden,
-            num_heads=2,
+            intermediate_size=spec.vision_intermediate or 2 * spec.vision_hidden,
+            num_heads=spec.vision_heads,
             out_hidden_size=spec.hidden,
             patch_size=14,
             spatial_merge_size=2,
             temporal_patch_size=2,
             window_size=112,
-            fullatt_block_indexes=[1, spec.vision_depth - 1],
+            fullatt_block_indexes=list(spec.full_attention_blocks or [1, spec.vision_depth - 1]),
             in_channels=3,
         ),
         image_token_id=5,
@@ -134,37 +142,55 @@ def build_model(spec: TinySpec, vocab_size: int):
         bos_token_id=0,
         eos_token_id=2,
         pad_token_id=0,
-        tie_word_embeddings=False,
+        tie_word_embeddings=spec.tie_word_embeddings,
     )
+
+
+def build_model(spec: TinySpec, vocab_size: int, dtype=None, device=None, attn_implementation: str = "sdpa"):
+    """Random seeded weights of `spec`'s shape, made directly on `device` in `dtype`."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
     torch.manual_seed(spec.seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
+    with torch.device(device or "cpu"):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(
+            build_config(spec, vocab_size), dtype=dtype or torch.float32, attn_implementation=attn_implementation
+        )
     model.generation_config.eos_token_id = 2
     model.generation_config.pad_token_id = 0
     return model.eval()
 
 
-def build_glimpse_modules(model_config, seed: int):
-    """Random glimpse modules shaped like the published ones, for this model."""
+def build_glimpse_modules(
+    model_config,
+    seed: int,
+    reduce_layer: int | None = None,
+    selected_visual_layers: list[int] | None = None,
+    fuse_size: int = 32,
+    cond_size: int = 32,
+):
+    """Random glimpse modules in the published format, for this model. Defaults: pruning at the
+    second-to-last layer, the VIP conditioned on the middle and last vision blocks."""
     import torch
 
     from pipeline.glimpse.config import GlimpseConfig
     from pipeline.glimpse.modules import GlimpseModules
 
     text = model_config.text_config
-    reduce_layer = max(0, text.num_hidden_layers - 2)
+    reduce_layer = max(0, text.num_hidden_layers - 2) if reduce_layer is None else reduce_layer
     depth = model_config.vision_config.depth
     raw = model_config.to_dict()
     raw.update(
         selected_layers=[reduce_layer],
         reduce_layer=reduce_layer,
         le_layers=list(range(text.num_hidden_layers)),
-        selected_visual_layers=sorted({depth - 1, depth // 2 - 1}, reverse=True),
+        selected_visual_layers=selected_visual_layers or sorted({depth - 1, depth // 2 - 1}, reverse=True),
         le_length=1,
         le_norm_type="rmsnorm",
         use_attention_logits=True,
         attn_fuse_type="AttnFuserV1",
-        attn_fuse_size=32,
-        visual_cond_size=32,
+        attn_fuse_size=fuse_size,
+        visual_cond_size=cond_size,
         attn_fuse_num_heads=4,
         attn_fuse_hidden_act="silu",
         attn_fuse_global=True,

@@ -1,0 +1,114 @@
+"""Real-size Qwen2.5-VL shapes with random weights, for benchmarks where no checkpoint can be
+downloaded: the arithmetic, memory and timings of the real model, meaningless text.
+
+Sizes are those of the published configs; the glimpse modules use the published GlimpsePrune
+settings for that model (pruning layer, VIP vision blocks, VIP widths).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.glimpse.tiny import TinySpec, build_glimpse_modules, build_model
+
+
+@dataclass(frozen=True)
+class Preset:
+    spec: TinySpec
+    reduce_layer: int
+    selected_visual_layers: list[int]
+
+
+PRESETS = {
+    "qwen2.5-vl-7b": Preset(
+        TinySpec(
+            layers=28,
+            hidden=3584,
+            heads=28,
+            kv_heads=4,
+            intermediate=18944,
+            vision_depth=32,
+            vision_hidden=1280,
+            vision_heads=16,
+            vision_intermediate=3420,
+            full_attention_blocks=(7, 15, 23, 31),
+            embedding_rows=152064,
+            rope_theta=1e6,
+        ),
+        reduce_layer=18,
+        selected_visual_layers=[31, 23, 15, 7],
+    ),
+    "qwen2.5-vl-3b": Preset(
+        TinySpec(
+            layers=36,
+            hidden=2048,
+            heads=16,
+            kv_heads=2,
+            intermediate=11008,
+            vision_depth=32,
+            vision_hidden=1280,
+            vision_heads=16,
+            vision_intermediate=3420,
+            full_attention_blocks=(7, 15, 23, 31),
+            embedding_rows=151936,
+            rope_theta=1e6,
+            tie_word_embeddings=True,
+        ),
+        reduce_layer=23,
+        selected_visual_layers=[31, 23, 15, 7],
+    ),
+}
+
+
+def build_engine(name: str, *, dtype, device, attn_implementation: str = "sdpa", layers: int | None = None):
+    """A GlimpseEngine of preset `name` with random weights, made on `device`; the tiny model's
+    tokenizer and image processor (any ids below the vocabulary size will do). `layers` shortens
+    the decoder (and moves the pruning layer proportionally), for trying the path on a CPU."""
+    from dataclasses import replace
+
+    from pipeline.glimpse.engine import GlimpseEngine
+    from pipeline.glimpse.prompts import PromptBuilder, pil_image_processor_class
+    from pipeline.glimpse.tiny import build_tokenizer
+
+    preset = PRESETS[name]
+    spec, reduce_layer = preset.spec, preset.reduce_layer
+    if layers is not None:
+        reduce_layer = min(layers - 1, reduce_layer * layers // spec.layers)
+        spec = replace(spec, layers=layers)
+    tokenizer = build_tokenizer(TinySpec().vocab_size)
+    model = build_model(spec, len(tokenizer), dtype=dtype, device=device, attn_implementation=attn_implementation)
+    modules = build_glimpse_modules(
+        model.config,
+        spec.seed,
+        reduce_layer=reduce_layer,
+        selected_visual_layers=preset.selected_visual_layers,
+        fuse_size=256,
+        cond_size=512,
+    )
+    # Qwen's own limits: up to 12845056 pixels, so a 1280×960 image keeps its size.
+    processor = pil_image_processor_class()(
+        min_pixels=3136,
+        max_pixels=12845056,
+        size={"shortest_edge": 3136, "longest_edge": 12845056},
+        patch_size=14,
+        merge_size=2,
+        temporal_patch_size=2,
+    )
+    prompts = PromptBuilder(tokenizer, processor, model.config.image_token_id, 2)
+    return GlimpseEngine(model, prompts, modules)
+
+
+def cost_model(name: str, dtype_bytes: int = 2):
+    """The cost model of preset `name` with its glimpse modules, built without allocating weights."""
+    import torch
+
+    from pipeline.glimpse.accounting import CostModel
+    from pipeline.glimpse.tiny import build_config
+
+    preset = PRESETS[name]
+    config = build_config(preset.spec, TinySpec().vocab_size)
+    with torch.device("meta"):
+        modules = build_glimpse_modules(
+            config, 0, preset.reduce_layer, preset.selected_visual_layers, fuse_size=256, cond_size=512
+        )
+    return CostModel(config, modules.config, dtype_bytes)
