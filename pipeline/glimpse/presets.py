@@ -19,6 +19,15 @@ class Preset:
     selected_visual_layers: list[int]
 
 
+# Both sizes share Qwen2.5-VL's vision tower.
+QWEN2_5_VL_VISION = dict(
+    vision_depth=32,
+    vision_hidden=1280,
+    vision_heads=16,
+    vision_intermediate=3420,
+    full_attention_blocks=(7, 15, 23, 31),
+)
+
 PRESETS = {
     "qwen2.5-vl-7b": Preset(
         TinySpec(
@@ -27,11 +36,7 @@ PRESETS = {
             heads=28,
             kv_heads=4,
             intermediate=18944,
-            vision_depth=32,
-            vision_hidden=1280,
-            vision_heads=16,
-            vision_intermediate=3420,
-            full_attention_blocks=(7, 15, 23, 31),
+            **QWEN2_5_VL_VISION,
             embedding_rows=152064,
             rope_theta=1e6,
         ),
@@ -45,11 +50,7 @@ PRESETS = {
             heads=16,
             kv_heads=2,
             intermediate=11008,
-            vision_depth=32,
-            vision_hidden=1280,
-            vision_heads=16,
-            vision_intermediate=3420,
-            full_attention_blocks=(7, 15, 23, 31),
+            **QWEN2_5_VL_VISION,
             embedding_rows=151936,
             rope_theta=1e6,
             tie_word_embeddings=True,
@@ -67,8 +68,8 @@ def build_engine(name: str, *, dtype, device, attn_implementation: str = "sdpa",
     from dataclasses import replace
 
     from pipeline.glimpse.engine import GlimpseEngine
-    from pipeline.glimpse.prompts import PromptBuilder, pil_image_processor_class
-    from pipeline.glimpse.tiny import build_tokenizer
+    from pipeline.glimpse.prompts import PromptBuilder
+    from pipeline.glimpse.tiny import build_image_processor, build_tokenizer
 
     preset = PRESETS[name]
     spec, reduce_layer = preset.spec, preset.reduce_layer
@@ -85,16 +86,8 @@ def build_engine(name: str, *, dtype, device, attn_implementation: str = "sdpa",
         fuse_size=256,
         cond_size=512,
     )
-    # Qwen's own limits: up to 12845056 pixels, so a 1280×960 image keeps its size.
-    processor = pil_image_processor_class()(
-        min_pixels=3136,
-        max_pixels=12845056,
-        size={"shortest_edge": 3136, "longest_edge": 12845056},
-        patch_size=14,
-        merge_size=2,
-        temporal_patch_size=2,
-    )
-    prompts = PromptBuilder(tokenizer, processor, model.config.image_token_id, 2)
+    # Qwen's own limit, 12845056 pixels: a 1280×960 image keeps its size.
+    prompts = PromptBuilder(tokenizer, build_image_processor(12845056), model.config.image_token_id, 2)
     return GlimpseEngine(model, prompts, modules)
 
 

@@ -205,24 +205,29 @@ def build_glimpse_modules(
     return modules
 
 
-def write_tiny_checkpoint(out: str | Path, spec: TinySpec = TinySpec(), with_glimpse: bool = True) -> Path:
-    """Writes out/base (and out/glimpse); returns `out`. Same spec, same files."""
+def build_image_processor(max_pixels: int):
+    """Qwen2.5-VL's image processor settings (14-pixel patches merged 2×2), up to `max_pixels`."""
     from pipeline.glimpse.prompts import pil_image_processor_class
 
+    return pil_image_processor_class()(
+        min_pixels=3136,
+        max_pixels=max_pixels,
+        size={"shortest_edge": 3136, "longest_edge": max_pixels},
+        patch_size=14,
+        merge_size=2,
+        temporal_patch_size=2,
+    )
+
+
+def write_tiny_checkpoint(out: str | Path, spec: TinySpec = TinySpec(), with_glimpse: bool = True) -> Path:
+    """Writes out/base (and out/glimpse); returns `out`. Same spec, same files."""
     out = Path(out)
     base = out / "base"
     tokenizer = build_tokenizer(spec.vocab_size)
     model = build_model(spec, len(tokenizer))
     model.save_pretrained(base, safe_serialization=True)
     tokenizer.save_pretrained(base)
-    pil_image_processor_class()(
-        min_pixels=3136,
-        max_pixels=200704,
-        size={"shortest_edge": 3136, "longest_edge": 200704},
-        patch_size=14,
-        merge_size=2,
-        temporal_patch_size=2,
-    ).save_pretrained(base)
+    build_image_processor(max_pixels=200704).save_pretrained(base)
     if with_glimpse:
         build_glimpse_modules(model.config, spec.seed).save(out / "glimpse")
     return out
