@@ -71,7 +71,3 @@ class PrunableKVCache:
                 start = end
             out.keys[layer_idx], out.values[layer_idx], out.lengths[layer_idx] = keys, values, width
         return out
-
-    def nbytes(self) -> int:
-        """Bytes of the columns in use, all layers."""
-        return sum(k.element_size() * k[:, :, :n].numel() * 2 for k, n in zip(self.keys, self.lengths) if k is not None)
