@@ -72,7 +72,12 @@ class JobConfig(BaseModel):
         1000, ge=1, description="rows per block: the unit of streaming, retries, resuming and output files"
     )
     prepare_batch_size: int = Field(16, ge=1, description="rows per CPU preparation task")
-    prepare_cpus: float = Field(1.0, gt=0, description="CPUs per preparation task")
+    prepare_cpus: float = Field(
+        0.5,
+        gt=0,
+        description="CPUs reserved per preparation task (fetching is mostly waiting; 1 on a GPU-less "
+        "cluster would make Ray Data run preparation inside the answering actors)",
+    )
 
     control_fraction: float = Field(
         0.0, ge=0, le=1, description="share of rows also run unpruned, to measure savings and agreement"

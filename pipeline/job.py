@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -20,6 +21,8 @@ from pipeline.sources import check_ids, read_source
 from pipeline.storage import pyarrow_filesystem
 from pipeline.summary import COLUMNS as SUMMARY_COLUMNS
 from pipeline.summary import SUMMARY_FILE, Summary, summarize
+
+log = logging.getLogger(__name__)
 
 
 def resolve_model(config: JobConfig) -> tuple[str, str | None]:
@@ -88,10 +91,26 @@ def build_dataset(config: JobConfig, progress=None, skip_ids: pa.Array | None = 
         batch_size=batch_size,
         batch_format="pyarrow",
         concurrency=config.num_actors,
-        num_gpus=gpus,
-        num_cpus=0 if gpus else 1,
+        **answer_resources(gpus, config.prepare_cpus),
         **faults.runtime_env(),
     )
+
+
+def answer_resources(gpus: float, prepare_cpus: float) -> dict:
+    """What each answering actor reserves: its GPU share, or one CPU on a GPU-less cluster.
+
+    Ray Data fuses a task stage into the next actor stage when both reserve the same resources.
+    Fused, every image would be prepared inside the answering actor, between engine calls (on
+    the tiny CPU job that held the engine 65% busy instead of 86%), so that case is warned of.
+    """
+    if gpus:
+        return dict(num_gpus=gpus, num_cpus=0)
+    if prepare_cpus == 1:
+        log.warning(
+            "prepare_cpus=1 equals the answering actors' CPU on this GPU-less cluster: Ray Data will run "
+            "image preparation inside those actors, serially with the engine; use a value other than 1"
+        )
+    return dict(num_gpus=0, num_cpus=1)
 
 
 def run(config: JobConfig, overwrite: bool = False) -> Summary:

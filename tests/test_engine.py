@@ -204,3 +204,22 @@ def test_min_and_max_pixels_change_the_grid(tiny_checkpoint):
     small = GlimpseEngine.from_pretrained(tiny_checkpoint / "base", max_pixels=56 * 56)
     prompt = small.prepare(Request("x", [noise_image(400, 400, 0)], "q"))
     assert prompt.image_grid_thw.tolist() == [[1, 4, 4]]
+
+
+def test_decode_launches_a_step_only_while_a_row_may_need_it(fixture_engine, monkeypatch):
+    """Tokens are read one step late; with lengths known, no step past the last needed one runs,
+    and an end-of-sequence token costs at most the one step already launched."""
+    steps = []
+    step = fixture_engine._decode_step
+    monkeypatch.setattr(fixture_engine, "_decode_step", lambda *a: steps.append(len(a[0])) or step(*a))
+    c1, c2 = fixture_requests()[:2]
+    c1.sampling, c2.sampling = SamplingParams(max_new_tokens=3), SamplingParams(max_new_tokens=6)
+    r1, r2 = fixture_engine.generate([c1, c2], batch_size=2)
+    assert (r1.n_generated_tokens, r2.n_generated_tokens) == (3, 6)
+    assert steps == [2, 2, 2, 1, 1]  # 5 steps after the prefill's token; c1 leaves once finished
+
+    steps.clear()
+    monkeypatch.setattr(fixture_engine, "eos_token_ids", {146})  # c2's second greedy token
+    (r2,) = fixture_engine.generate([fixture_requests()[1]], batch_size=1)
+    assert (r2.new_tokens, r2.finish_reason) == ([227, 146], "stop")
+    assert len(steps) == 2  # the step after 146 was launched before 146 was read

@@ -207,3 +207,27 @@ def test_workload_mode_fixes_keep_ratio_and_answer_length_under_a_cache_budget(r
         assert row["n_generated_tokens"] == 8 and row["finish_reason"] == "length"
         assert row["n_visual_kept"] == max(1, round(0.25 * row["n_visual_tokens"]))
         assert row["answer"] == expected.answer, row["id"]
+
+
+def test_preparation_runs_in_its_own_tasks_not_inside_the_answering_actors(ray_session, tmp_path, capsys):
+    """Ray Data fuses stages that reserve the same resources; fused, the actor would prepare every
+    image itself between engine calls. The optimized physical plan must keep the two apart."""
+    from pipeline.job import build_dataset
+
+    write_fixture_manifest(tmp_path / "m.parquet", 1)
+    config = JobConfig(manifest=str(tmp_path / "m.parquet"), output=str(tmp_path / "out"), **MODEL)
+    build_dataset(config).explain()
+    optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+    answer_stage = next(line for line in optimized.splitlines() if "Answerer" in line)
+    assert "ActorPoolMapOperator[MapBatches(Answerer)]" in answer_stage
+    assert "TaskPoolMapOperator[MapBatches(prepare_batch)]" in optimized
+
+
+def test_answer_stage_reservations_keep_preparation_apart(caplog):
+    from pipeline.job import answer_resources
+
+    assert answer_resources(1.0, 1.0) == dict(num_gpus=1.0, num_cpus=0)
+    assert answer_resources(0.0, 0.5) == dict(num_gpus=0, num_cpus=1)
+    assert not caplog.records
+    answer_resources(0.0, 1.0)
+    assert "prepare_cpus=1" in caplog.text

@@ -368,50 +368,60 @@ class GlimpseEngine:
     # ---- decode --------------------------------------------------------------------------------
 
     def _decode(self, state: _Prefill, params: list[SamplingParams]):
-        """Generates on the merged cache, writing each step's keys and values in place. Finished rows
-        ride along (their tokens ignored) until a quarter of the batch has finished, then leave it
-        in one copy. Returns per row: new token ids, finish reason, decode seconds until it finished."""
+        """Generates on the merged cache, writing each step's keys and values in place. The host
+        reads each step's tokens one step late, while the device already runs the next step, so
+        no step waits on a device-to-host copy; a step is launched only if some row may need it.
+        Finished rows ride along (their tokens ignored) until a quarter of the batch has finished,
+        then leave it in one copy. Returns per row: new token ids, finish reason, decode seconds
+        until it finished."""
         started = time.perf_counter()
         batch = len(params)
         tokens: list[list[int]] = [[] for _ in range(batch)]
         reasons = ["length"] * batch
         seconds = [0.0] * batch
+        finished = [False] * batch
         generators = [make_generator(p.seed, self.device) if not p.greedy else None for p in params]
         owners = list(range(batch))  # batch slot → request index
-        alive = [True] * batch
         cache, valid, next_pos = state.cache, state.valid, state.next_pos
         chosen = next_tokens(state.logits, params, generators)
         while True:
-            for slot, token in enumerate(chosen.tolist()):
-                r = owners[slot]
-                if not alive[slot]:
+            read_chosen, chosen_by = _copy_to_host(chosen), owners
+            if any(not finished[r] and len(tokens[r]) + 1 < params[r].max_new_tokens for r in owners):
+                chosen = self._decode_step(
+                    chosen, cache, valid, next_pos, [params[r] for r in owners], [generators[r] for r in owners]
+                )
+                next_pos = next_pos + 1
+            for r, token in zip(chosen_by, read_chosen()):
+                if finished[r]:
                     continue
                 tokens[r].append(token)
                 stop = token in self.eos_token_ids and not params[r].ignore_eos
                 if stop:
                     reasons[r] = "stop"
                 if stop or len(tokens[r]) >= params[r].max_new_tokens:
-                    seconds[r], alive[slot] = time.perf_counter() - started, False
-            live = [slot for slot, a in enumerate(alive) if a]
+                    seconds[r], finished[r] = time.perf_counter() - started, True
+            live = [slot for slot, r in enumerate(owners) if not finished[r]]
             if not live:
                 return tokens, reasons, seconds
             if len(live) <= 3 * len(owners) // 4:
                 keep = torch.tensor(live, device=self.device)
                 cache.select_rows(keep)
                 valid, next_pos, chosen = valid[keep], next_pos[:, keep], chosen[keep]
-                owners, alive = [owners[slot] for slot in live], [True] * len(live)
-            used = cache.lengths[0] + 1
-            valid[:, used - 1] = True
-            hidden = self.language_model.embed_tokens(chosen[:, None])
-            rotary = self.language_model.rotary_emb(hidden, next_pos[:, :, None])
-            mask = attention_mask(valid[:, :used], 1, self.attn_implementation, hidden.dtype)
-            for layer in self.language_model.layers:
-                hidden = _layer_output(
-                    layer(hidden, attention_mask=mask, position_embeddings=rotary, past_key_values=cache)
-                )
-            logits = self.model.lm_head(self.language_model.norm(hidden[:, -1]))
-            next_pos = next_pos + 1
-            chosen = next_tokens(logits, [params[r] for r in owners], [generators[r] for r in owners])
+                owners = [owners[slot] for slot in live]
+
+    def _decode_step(self, chosen, cache, valid, next_pos, params, generators) -> torch.Tensor:
+        """One token for every row: `chosen` [B] in, the next tokens [B] out (marks the new column valid)."""
+        used = cache.lengths[0] + 1
+        valid[:, used - 1] = True
+        hidden = self.language_model.embed_tokens(chosen[:, None])
+        rotary = self.language_model.rotary_emb(hidden, next_pos[:, :, None])
+        mask = attention_mask(valid[:, :used], 1, self.attn_implementation, hidden.dtype)
+        for layer in self.language_model.layers:
+            hidden = _layer_output(
+                layer(hidden, attention_mask=mask, position_embeddings=rotary, past_key_values=cache)
+            )
+        logits = self.model.lm_head(self.language_model.norm(hidden[:, -1]))
+        return next_tokens(logits, params, generators)
 
 
 def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -437,6 +447,22 @@ def _merge(states: list[_Prefill], extra: int) -> _Prefill:
         next_pos=torch.cat([s.next_pos for s in states], dim=1),
         kept=[k for s in states for k in s.kept],
     )
+
+
+def _copy_to_host(tokens: torch.Tensor):
+    """Starts copying `tokens` to the host without waiting for the device; returns a function that
+    waits for that copy alone (not for work queued after it) and gives the tokens as a list."""
+    if tokens.device.type != "cuda":
+        return tokens.tolist
+    host = tokens.to("cpu", non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def read() -> list[int]:
+        copied.synchronize()
+        return host.tolist()
+
+    return read
 
 
 def _layer_output(output):

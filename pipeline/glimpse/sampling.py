@@ -45,8 +45,9 @@ def _sample(scores: torch.Tensor, top_p: float, generator: torch.Generator) -> t
     if top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        # Masking in sorted order and scattering back needs no device-to-host sync.
         outside = sorted_probs.cumsum(0) - sorted_probs > top_p
-        probs = probs.scatter(0, order[outside], 0.0)
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
     return torch.multinomial(probs, 1, generator=generator)[0]
 
 
