@@ -6,7 +6,6 @@ import hashlib
 import logging
 import time
 
-import numpy as np
 import pyarrow as pa
 import torch
 
@@ -87,7 +86,7 @@ class Answerer:
         """Answers the rows together. Out of memory: each half again, down to single rows. Any other
         failure: each row alone, so that one bad row fails alone."""
         requests = [_request(row, self.ignore_eos) for row in rows]
-        prompts = [_prompt(row) for row in rows]
+        prompts = [PreparedPrompt.from_columns(row) for row in rows]
         try:
             faults.before_engine(len(rows))
             return {r.id: r for r in self._generate(requests, prompts, prune)}
@@ -164,13 +163,3 @@ def _request(row: dict, ignore_eos: bool) -> Request:
     # Images were already turned into pixel values by the CPU stage.
     sampling = SamplingParams(max_new_tokens=int(row["max_new_tokens"]), ignore_eos=ignore_eos)
     return Request(row["id"], [], row["question"], sampling)
-
-
-def _prompt(row: dict) -> PreparedPrompt:
-    grid = torch.tensor(row["image_grid_thw"], dtype=torch.long).view(-1, 3)
-    pixels = torch.from_numpy(np.frombuffer(row["pixel_values"], dtype=np.float32).copy())
-    return PreparedPrompt(
-        input_ids=torch.tensor(row["input_ids"], dtype=torch.long),
-        pixel_values=pixels.view(int(grid.prod(-1).sum()), -1),
-        image_grid_thw=grid,
-    )

@@ -49,6 +49,8 @@ def build_dataset(config: JobConfig, progress=None, skip_ids: pa.Array | None = 
     selection = {
         k: v for k in ("threshold", "max_keep_ratio", "min_kept", "keep_ratio") if (v := getattr(config, k)) is not None
     }
+    # Resolved here, not in each actor: the preparation tasks send pixel values in this dtype.
+    dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if gpus else "float32")
     batch_size = config.batch_size or (256 if gpus else 8)
     prefill_rows = config.prefill_rows or (8 if gpus else None)
     source = read_source(config)
@@ -66,6 +68,7 @@ def build_dataset(config: JobConfig, progress=None, skip_ids: pa.Array | None = 
             max_question_tokens=config.max_question_tokens,
             min_pixels=config.min_pixels,
             max_pixels=config.max_pixels,
+            pixel_dtype=dtype,
         ),
         batch_size=config.prepare_batch_size,
         batch_format="pyarrow",
@@ -77,7 +80,7 @@ def build_dataset(config: JobConfig, progress=None, skip_ids: pa.Array | None = 
             model=model,
             glimpse=glimpse,
             prune=config.prune,
-            dtype=config.dtype,
+            dtype=dtype,
             attn=config.attn,
             selection=selection,
             min_pixels=config.min_pixels,

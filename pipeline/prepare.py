@@ -71,9 +71,10 @@ def prepare_batch(
     max_question_tokens: int,
     min_pixels: int | None = None,
     max_pixels: int | None = None,
+    pixel_dtype: str = "float32",
 ) -> pa.Table:
     """`map_batches` function (tasks, not actors, so it shares CPUs with reads and writes):
-    manifest rows → PREPARED_SCHEMA rows."""
+    manifest rows → PREPARED_SCHEMA rows, pixel values in `pixel_dtype` (the model's)."""
     builder = prompt_builder(model, min_pixels, max_pixels)
     out = []
     for row in batch.to_pylist():
@@ -86,9 +87,7 @@ def prepare_batch(
         except Exception as e:  # recorded on the row: one bad input never fails the batch
             row["error_code"], row["error"] = describe(e)
         else:
-            row["input_ids"] = prepared.input_ids.tolist()
-            row["pixel_values"] = prepared.pixel_values.numpy().astype(np.float32).tobytes()
-            row["image_grid_thw"] = prepared.image_grid_thw.flatten().tolist()
+            row.update(prepared.columns(pixel_dtype))
         out.append(row)
     return align(out, PREPARED_SCHEMA)
 

@@ -52,7 +52,8 @@ PREPARED_SCHEMA = pa.schema(
     [
         *[f for f in MANIFEST_SCHEMA if f.name != "image_bytes"],
         pa.field("input_ids", pa.list_(pa.int64())),
-        pa.field("pixel_values", pa.large_binary()),  # float32 [P, C·t·p·p], row-major
+        pa.field("pixel_values", pa.large_binary()),  # [P, C·t·p·p] in pixel_dtype, row-major
+        pa.field("pixel_dtype", pa.string()),  # the model's dtype: float32, bfloat16 or float16
         pa.field("image_grid_thw", pa.list_(pa.int64())),  # [n_images × 3], flattened
         pa.field("error_code", pa.string()),
         pa.field("error", pa.string()),

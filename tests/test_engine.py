@@ -223,3 +223,24 @@ def test_decode_launches_a_step_only_while_a_row_may_need_it(fixture_engine, mon
     (r2,) = fixture_engine.generate([fixture_requests()[1]], batch_size=1)
     assert (r2.new_tokens, r2.finish_reason) == ([227, 146], "stop")
     assert len(steps) == 2  # the step after 146 was launched before 146 was read
+
+
+def test_pixel_values_travel_in_the_model_dtype_without_changing_answers(fixture_engine):
+    """The CPU stage sends pixel values in the model's dtype: float32 exactly; bf16 in half the
+    bytes, and a bf16 model answers the same as from float32 (its vision tower casts first)."""
+    from pipeline.glimpse.prompts import PreparedPrompt
+
+    requests = fixture_requests()[:3]
+    prompts = [fixture_engine.prepare(r) for r in requests]
+    as_float32 = [PreparedPrompt.from_columns(p.columns("float32")) for p in prompts]
+    as_bf16 = [PreparedPrompt.from_columns(p.columns("bfloat16")) for p in prompts]
+    for p, f, b in zip(prompts, as_float32, as_bf16):
+        assert torch.equal(f.pixel_values, p.pixel_values) and torch.equal(f.input_ids, p.input_ids)
+        assert torch.equal(f.image_grid_thw, p.image_grid_thw)
+        assert b.pixel_values.dtype == torch.bfloat16 and torch.equal(b.pixel_values, p.pixel_values.bfloat16())
+        assert len(p.columns("bfloat16")["pixel_values"]) * 2 == len(p.columns("float32")["pixel_values"])
+
+    bf16_engine = GlimpseEngine.from_pretrained(FIXTURE / "base", FIXTURE / "glimpse", dtype="bfloat16")
+    from_float32 = bf16_engine.generate_prepared(requests, as_float32, emit_masks=True)
+    from_bf16 = bf16_engine.generate_prepared(requests, as_bf16, emit_masks=True)
+    assert [(r.new_tokens, r.kept_mask) for r in from_bf16] == [(r.new_tokens, r.kept_mask) for r in from_float32]

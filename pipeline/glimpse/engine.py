@@ -21,12 +21,10 @@ from pipeline.glimpse.accounting import CostModel, RowCost, share_seconds
 from pipeline.glimpse.cache import PrunableKVCache
 from pipeline.glimpse.masks import attention_mask
 from pipeline.glimpse.modules import GlimpseModules
-from pipeline.glimpse.prompts import PreparedPrompt, PromptBuilder
+from pipeline.glimpse.prompts import DTYPES, PreparedPrompt, PromptBuilder
 from pipeline.glimpse.sampling import SamplingParams, make_generator, next_tokens
 from pipeline.glimpse.selection import SelectionOptions, select_tokens
 from pipeline.glimpse.vision import encode_images
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
