@@ -1,4 +1,5 @@
-"""Fault injection for the reliability tests: kill an inference actor, fail reads, fake an OOM.
+"""Fault injection for the reliability tests: kill an inference actor, fail reads, fake an OOM,
+slow batches down.
 
 Off unless the driver's environment holds GLIMPSE_BATCH_FAULTS, a JSON object; the job forwards
 it to its Ray workers. Keys (all optional):
@@ -6,6 +7,7 @@ it to its Ray workers. Keys (all optional):
                         kills its actor process (os._exit), once per marker
     fail_reads          int: each worker process's first N object reads raise ConnectionError
     oom_above_batch     int: engine batches larger than this raise torch.OutOfMemoryError
+    batch_delay_s       float: each inference batch waits this long first (time to interrupt a job)
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import time
 from pathlib import Path
 
 ENV = "GLIMPSE_BATCH_FAULTS"
@@ -25,6 +28,7 @@ def plan() -> dict:
 
 
 def before_batch() -> None:
+    time.sleep(plan().get("batch_delay_s", 0))
     marker = plan().get("kill_actor_marker")
     if marker and not Path(marker).exists():
         Path(marker).touch()
