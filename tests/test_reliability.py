@@ -200,7 +200,7 @@ def test_an_interrupted_job_resumes_and_holds_each_id_once(ray_session, tmp_path
     command = [sys.executable, "-m", "jobs.vqa", "--progress-interval-s", "1"]
     for name, value in options.items():
         command += [f"--{name.replace('_', '-')}", str(value)]
-    # Slowed batches (0.5 s each, about 20 of them) leave seconds between the first file and the last.
+    # Slowed batches (0.5 s each, 10 of them) leave seconds between the first file and the last.
     env = {**os.environ, FAULTS_ENV: json.dumps({"batch_delay_s": 0.5})}
     driver = subprocess.Popen(
         command, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
