@@ -20,16 +20,9 @@ from schemas import RESULT_SCHEMA, align
 log = logging.getLogger(__name__)
 
 
-def pick_device_and_dtype(dtype: str) -> tuple[str, str]:
-    """cuda + bfloat16 when a GPU is visible, else cpu + float32 (`dtype` other than auto wins)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "bfloat16" if device == "cuda" else "float32"
-    return device, dtype
-
-
 class Answerer:
-    """`map_batches` callable: PREPARED_SCHEMA rows → RESULT_SCHEMA rows, one out per row in."""
+    """`map_batches` callable: PREPARED_SCHEMA rows → RESULT_SCHEMA rows, one out per row in. The
+    model runs on the actor's GPU if it has one, in `dtype` (the job resolves "auto" for both stages)."""
 
     def __init__(
         self,
@@ -47,7 +40,7 @@ class Answerer:
         kv_cache_gib: float | None = None,
         ignore_eos: bool = False,
     ) -> None:
-        device, dtype = pick_device_and_dtype(dtype)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
         self.engine = GlimpseEngine.from_pretrained(
             model,
             glimpse,
