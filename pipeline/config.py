@@ -69,7 +69,10 @@ class JobConfig(BaseModel):
     num_actors: int = Field(1, ge=1, description="inference actors (one engine each)")
     gpus_per_actor: float | None = Field(None, ge=0, description="none: 1 when the cluster has GPUs, else 0")
     rows_per_block: int = Field(
-        1000, ge=1, description="rows per block: the unit of streaming, retries, resuming and output files"
+        1000,
+        ge=1,
+        description="rows per block: the unit of streaming, retries, resuming and output files "
+        "(a larger prepare_batch_size merges blocks)",
     )
     prepare_batch_size: int = Field(16, ge=1, description="rows per CPU preparation task")
     prepare_cpus: float = Field(

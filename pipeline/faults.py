@@ -28,7 +28,9 @@ def plan() -> dict:
 
 
 def before_batch() -> None:
-    time.sleep(plan().get("batch_delay_s", 0))
+    delay = plan().get("batch_delay_s")
+    if delay:
+        time.sleep(delay)
     marker = plan().get("kill_actor_marker")
     if marker and not Path(marker).exists():
         Path(marker).touch()
