@@ -42,7 +42,7 @@ def job_config(args: argparse.Namespace) -> JobConfig:
         if storage:
             config = config.model_copy(update={"storage": config.storage.model_copy(update=storage)})
         return config
-    return JobConfig.model_validate({**given, "storage": storage})
+    return JobConfig.validated({**given, "storage": storage})
 
 
 def _kind(annotation) -> dict:

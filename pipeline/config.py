@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.storage import StorageOptions
 
@@ -87,6 +87,18 @@ class JobConfig(BaseModel):
     )
     gpu_hourly_usd: float | None = Field(None, ge=0, description="GPU price per hour, for the cost estimate")
     progress_interval_s: float = Field(30.0, gt=0, description="seconds between progress lines")
+    max_failed_fraction: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="above this share of failed rows the job exits non-zero (output and summary still written)",
+    )
+    lease_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="S3 outputs: a lease whose heartbeat (every quarter of this) is older is a dead job's, "
+        "and is taken over",
+    )
 
     storage: StorageOptions = Field(default_factory=StorageOptions, description="S3 options")
 
@@ -101,10 +113,36 @@ class JobConfig(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> JobConfig:
+        """The YAML's options overlaid with `overrides`. Errors never quote the file's values:
+        a mis-indented secret must not end up in a terminal or a log."""
         import yaml
 
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as e:
+            raise ValueError(f"cannot read the config file {path}: {e.strerror}") from None
+        except yaml.MarkedYAMLError as e:
+            where = f" at line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1}" if e.problem_mark else ""
+            raise ValueError(f"{path} is not valid YAML{where}: {e.problem}") from None
+        except yaml.YAMLError:
+            raise ValueError(f"{path} is not valid YAML") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a mapping of job options")
         data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.model_validate(data)
+        return cls.validated(data, source=str(path))
+
+    @classmethod
+    def validated(cls, data: dict, source: str = "the job options") -> JobConfig:
+        """model_validate, with errors that name each option and what is wrong, never its value."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            problems = [_problem(error) for error in e.errors(include_url=False, include_input=False)]
+            raise ValueError(f"{source}: " + "; ".join(problems)) from None
+
+
+def _problem(error: dict) -> str:
+    where = ".".join(str(part) for part in error["loc"]) or "options"
+    if error["type"] == "extra_forbidden":
+        return f"{where}: unknown option (is it indented under the right section?)"
+    return f"{where}: {error['msg']}"

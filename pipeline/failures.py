@@ -8,13 +8,14 @@ from __future__ import annotations
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.glimpse.errors import RequestError
-from pipeline.storage import ObjectTooLarge, TransientStorageError
+from pipeline.storage import ObjectTooLarge, TransientStorageError, UnsupportedURI
 
 ERROR_CODES = {
-    "invalid_row": "the row names no image",
+    "invalid_row": "the row is malformed: no image, or a value of the wrong type or range",
     "not_found": "an image object does not exist",
     "access_denied": "storage refused to read an image",
-    "storage_error": "storage kept failing after retries",
+    "storage_error": "storage kept failing after retries (unreachable, timing out, throttling)",
+    "unsupported_uri": "an image URI has an unknown scheme, or names a directory, pipe or device",
     "too_large": "an image object is over --max-image-bytes",
     "empty_file": "an image object has zero bytes",
     "not_an_image": "the bytes are not an image format PIL reads",
@@ -53,6 +54,7 @@ CODES_BY_TYPE = [
     (PermissionError, "access_denied"),
     (ObjectTooLarge, "too_large"),
     (TransientStorageError, "storage_error"),
+    (UnsupportedURI, "unsupported_uri"),
     ((Image.DecompressionBombError, Image.DecompressionBombWarning), "too_many_pixels"),
     (UnidentifiedImageError, "not_an_image"),
     (RequestError, "bad_request"),

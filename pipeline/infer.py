@@ -64,6 +64,9 @@ class Answerer:
         started, self.engine_s = time.time(), 0.0
         faults.before_batch()
         rows = batch.to_pylist()
+        for row in rows:
+            if row["error"] is None:
+                self._check_answer_fits(row)
         todo = [row for row in rows if row["error"] is None]
         results = self._answer(todo, self.prune) if todo else {}
         out = [self._output(row, results.get(row["id"])) for row in rows]
@@ -74,6 +77,17 @@ class Answerer:
         if self.progress is not None:
             self.progress.add.remote(batch_counts(out), started, time.time(), self.engine_s)
         return table
+
+    def _check_answer_fits(self, row: dict) -> None:
+        """A row whose answer alone would pass the KV-cache budget fails alone, as `invalid_row`."""
+        budget = self.batching["cache_budget_bytes"]
+        needed = int(row["max_new_tokens"]) * self.engine.costs.kv_bytes_per_token()
+        if budget is not None and needed > budget:
+            row["error_code"] = "invalid_row"
+            row["error"] = (
+                f"max_new_tokens {row['max_new_tokens']} needs {needed} bytes of KV cache, "
+                f"over the budget of {budget} (--kv-cache-gib)"
+            )
 
     def _answer(self, rows: list[dict], prune: bool) -> dict[str, Result | Exception]:
         """Answers the rows together. Out of memory: each half again, down to single rows. Any other

@@ -1,65 +1,240 @@
-"""The job's output directory: results are written under OUTPUT/_pending and moved into OUTPUT
-when the job ends, so a reader of OUTPUT never sees a partial file (readers skip `_` folders),
-and a rerun after an interruption answers only the rows _pending does not hold yet."""
+"""The job's output location, and what a job may do there: write only into a location that is
+empty or holds its own earlier output, resume only the same work, publish atomically per file,
+and remove only what it wrote.
+
+    OUTPUT/*.parquet      the results, moved here from _pending when the run ends
+    OUTPUT/_summary.json  the job's totals
+    OUTPUT/_job.json      the job record: fingerprint, runs, state, the result files it published
+    OUTPUT/_lease.json    present while a run writes (pipeline.lease)
+    OUTPUT/_pending/RUN/  a run's results while it writes (readers skip `_` names)
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import posixpath
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.storage import StorageOptions, filesystem_for
+from pipeline import faults
+from pipeline.fingerprint import differences
+from pipeline.lease import LEASE_FILE, LocalLease, ObjectLease
+from pipeline.storage import StorageOptions, filesystem_for, protocol_of, pyarrow_filesystem
+from pipeline.summary import SUMMARY_FILE
+from schemas import RESULT_SCHEMA
 
 log = logging.getLogger(__name__)
 PENDING = "_pending"
+RECORD_FILE = "_job.json"
+SHOWN = 5
+
+
+class OutputError(Exception):
+    """The output location cannot be used as asked; nothing in it was changed."""
+
+
+@dataclass
+class JobRecord:
+    """What a job wrote to its output. `state`: running → publishing → done."""
+
+    fingerprint: dict[str, str]
+    runs: list[str]
+    state: str = "running"
+    files: list[str] = field(default_factory=list)  # result files published, or about to be
+
+    @classmethod
+    def from_json(cls, data: bytes) -> JobRecord:
+        value = json.loads(data)
+        return cls(**{k: value[k] for k in ("fingerprint", "runs", "state", "files")})
 
 
 class OutputDir:
     def __init__(self, uri: str, storage: StorageOptions) -> None:
         self.uri = uri.rstrip("/")
-        self.fs, self.path = filesystem_for(self.uri, storage)
-        self.path = self.path.rstrip("/")
-        self.pending_uri = f"{self.uri}/{PENDING}"
-        self.pending_path = f"{self.path}/{PENDING}"
+        self.storage = storage
+        self.fs, path = filesystem_for(self.uri, storage)
+        self.path = path.rstrip("/")
+        self.record: JobRecord | None = None
+        self.lease: LocalLease | ObjectLease | None = None
 
-    def start(self, overwrite: bool) -> pa.Array:
-        """Readies the directory; returns the ids an interrupted run already answered. A finished
-        job's output is refused unless `overwrite`, which also drops what an interrupted run left."""
-        if self._parquet_files(self.path, recursive=False):
-            if not overwrite:
-                raise FileExistsError(f"{self.uri} already holds Parquet files; pass --overwrite to replace them")
-        if overwrite and self.fs.exists(self.path):
-            self.fs.rm(self.path, recursive=True)
-        return self._salvage()
+    def check_location(self) -> None:
+        if self.fs.isfile(self.path):
+            raise OutputError(f"--output {self.uri} is a file; give a directory or prefix")
 
-    def publish(self) -> None:
-        """Moves the finished files into place, one atomic rename (or S3 object copy) each."""
-        for path in self._parquet_files(self.pending_path):
-            self.fs.mv(path, f"{self.path}/{posixpath.basename(path)}")
-        self.fs.invalidate_cache(self.pending_path)
-        if self.fs.exists(self.pending_path):  # object stores have no folder left to remove
-            self.fs.rm(self.pending_path, recursive=True)
+    @contextmanager
+    def leased(self, run_id: str, timeout_s: float, take_over: bool = False):
+        """Holds the output's lease while open: no other job writes here meanwhile."""
+        if protocol_of(self.uri) == "file":
+            self.lease = LocalLease(self.path, run_id, timeout_s)
+        else:
+            self.lease = ObjectLease(self.fs, self.path, run_id, timeout_s)
+        self.lease.acquire(take_over)
+        try:
+            yield self
+        finally:
+            self.lease.release()
 
-    def _salvage(self) -> pa.Array:
-        """Ids in the complete files under _pending; files cut short by the interruption are removed."""
-        ids = []
-        for path in self._parquet_files(self.pending_path):
-            try:
-                with self.fs.open(path, "rb") as f:
-                    ids.append(pq.read_table(f, columns=["id"]).column("id"))
-            except Exception as e:  # a file the interrupted writer never finished has no footer
-                log.warning("removing %s, left incomplete by an interrupted run (%s)", path, e)
-                self.fs.rm(path)
-        done = pa.chunked_array([c for column in ids for c in column.chunks], type=pa.string()).combine_chunks()
-        if len(done):
-            log.info("resuming: %d rows were answered by an earlier run of this job", len(done))
+    def begin(self, run_id: str, fingerprint: dict[str, str], overwrite: bool, input_ids: set[str] | None) -> pa.Array:
+        """Readies the location for this run; returns the ids that earlier runs of the same job
+        already answered. Refuses foreign files, a finished job (unless `overwrite`, which removes
+        only that job's files) and an unfinished run of another configuration."""
+        record = self._read_record()
+        foreign = self._foreign_entries(record)
+        if foreign:
+            names = ", ".join(foreign[:SHOWN]) + (f" and {len(foreign) - SHOWN} more" if len(foreign) > SHOWN else "")
+            raise OutputError(
+                f"{self.uri} holds {len(foreign)} {'entry' if len(foreign) == 1 else 'entries'} this job did not "
+                f"write ({names}); write into an empty "
+                "location or one holding this job's own output (glimpse-batch never deletes what it did not write)"
+            )
+        done = pa.array([], pa.string())
+        if record is not None and overwrite:
+            self._remove_owned(record)
+            record = None
+        elif record is not None and record.state == "done":
+            raise OutputError(
+                f"{self.uri} holds a finished job's output; pass --overwrite to replace it "
+                "(that removes only the files the job wrote)"
+            )
+        elif record is not None:
+            changed = differences(record.fingerprint, fingerprint)
+            if changed:
+                raise OutputError(
+                    f"{self.uri} holds an unfinished run with another configuration: {'; '.join(changed)}. "
+                    "Rerun with the same input, model and options to resume it, or pass --overwrite to start over"
+                )
+            done = self._salvage(record, input_ids)
+            record.runs.append(run_id)
+        self.record = record or JobRecord(fingerprint, [run_id])
+        self._write_record()
+        # A marker, so that the run's folder exists on object stores too: Ray removes the folder of
+        # a write that wrote no rows (all were answered already), and fails where there is none.
+        self.fs.makedirs(f"{self.path}/{PENDING}/{run_id}", exist_ok=True)
+        self.fs.pipe_file(f"{self.path}/{PENDING}/{run_id}/_started", b"")
         return done
 
-    def _parquet_files(self, path: str, recursive: bool = True) -> list[str]:
-        self.fs.invalidate_cache(path)  # Ray's workers wrote there, not this process
+    def pending_uri(self, run_id: str) -> str:
+        return f"{self.uri}/{PENDING}/{run_id}"
+
+    def publish(self) -> None:
+        """Moves every run's finished files into place, one atomic rename (or S3 copy) each. The
+        record lists them first, so a publication cut short is finished by the next run."""
+        self.lease.check()
+        pending = self._pending_files(self.record.runs)
+        self.record.files = sorted(set(self.record.files) | {posixpath.basename(p) for p in pending})
+        self.record.state = "publishing"
+        self._write_record()
+        for i, path in enumerate(pending, 1):
+            self.fs.mv(path, f"{self.path}/{posixpath.basename(path)}")
+            faults.reached(f"published {i}")
+        for run in self.record.runs:
+            self._remove(f"{self.path}/{PENDING}/{run}")
+        self._remove_if_empty(f"{self.path}/{PENDING}")
+
+    def read_results(self, columns: list[str]) -> pa.Table:
+        """This job's published rows (only the files its record lists), `columns` of them."""
+        if not self.record.files:
+            return pa.schema([RESULT_SCHEMA.field(c) for c in columns]).empty_table()
+        arrow_fs, _ = pyarrow_filesystem(self.uri, self.storage)
+        paths = [f"{self.path}/{name}" for name in self.record.files]
+        return pq.ParquetDataset(paths, filesystem=arrow_fs).read(columns=columns)
+
+    def finish(self, summary: dict) -> None:
+        """Writes the summary, then marks the job done."""
+        self.fs.pipe_file(f"{self.path}/{SUMMARY_FILE}", json.dumps(summary, indent=2).encode())
+        self.record.state = "done"
+        self._write_record()
+
+    def _read_record(self) -> JobRecord | None:
+        path = f"{self.path}/{RECORD_FILE}"
+        self.fs.invalidate_cache(self.path)
         if not self.fs.exists(path):
+            return None
+        try:
+            return JobRecord.from_json(self.fs.cat_file(path))
+        except (ValueError, KeyError, TypeError) as e:
+            raise OutputError(f"{self.uri}/{RECORD_FILE} is not a job record this version can read ({e})") from e
+
+    def _write_record(self) -> None:
+        """Whole or not at all: written beside, then moved over the old one."""
+        temporary = f"{self.path}/{RECORD_FILE}.{self.record.runs[-1]}"
+        self.fs.pipe_file(temporary, json.dumps(asdict(self.record), indent=2).encode())
+        self.fs.mv(temporary, f"{self.path}/{RECORD_FILE}")
+
+    def _foreign_entries(self, record: JobRecord | None) -> list[str]:
+        """Names in the location that no run of this job wrote."""
+        if not self.fs.exists(self.path):
             return []
-        found = self.fs.find(path, maxdepth=None if recursive else 1)
-        return sorted(p for p in found if p.endswith(".parquet"))
+        ours = {RECORD_FILE, LEASE_FILE, PENDING}
+        if record is not None:
+            ours |= {SUMMARY_FILE, *record.files}
+        names = {posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.path, detail=False)}
+        return sorted(name for name in names if name and name not in ours)
+
+    def _remove_owned(self, record: JobRecord) -> None:
+        """--overwrite: the files the recorded job wrote, and nothing else."""
+        owned = [f"{self.path}/{name}" for name in [*record.files, SUMMARY_FILE]]
+        log.warning("--overwrite: removing %d files of the earlier job in %s", len(record.files), self.uri)
+        for path in owned:
+            self._remove(path)
+        for run in record.runs:
+            self._remove(f"{self.path}/{PENDING}/{run}")
+        self._remove_if_empty(f"{self.path}/{PENDING}")
+
+    def _salvage(self, record: JobRecord, input_ids: set[str] | None) -> pa.Array:
+        """Ids in the earlier runs' complete files. A file cut short by the interruption, or
+        holding ids the input no longer has or that another file already holds, is removed, so
+        its rows run again. A file that cannot be read stops the job and is kept."""
+        published = [f"{self.path}/{name}" for name in record.files if self.fs.exists(f"{self.path}/{name}")]
+        seen: set[str] = set()
+        done = []
+        for path in [*published, *self._pending_files(record.runs)]:
+            ids = self._ids_in(path)
+            if ids is None:
+                reason = "left incomplete by an interrupted run"
+            elif input_ids is not None and not input_ids.issuperset(ids):
+                reason = "holding ids that are no longer in the input"
+            elif seen.intersection(ids):
+                reason = "holding ids another file holds"
+            else:
+                seen.update(ids)
+                done.extend(ids)
+                continue
+            log.warning("removing %s, %s", path, reason)
+            self.fs.rm(path)
+        if done:
+            log.warning("resuming: %d rows were answered by an earlier run of this job", len(done))
+        return pa.array(done, pa.string())
+
+    def _ids_in(self, path: str) -> list[str] | None:
+        """A result file's ids; None when the file is incomplete (no readable footer)."""
+        try:
+            data = self.fs.cat_file(path)
+        except Exception as e:
+            raise OutputError(f"cannot read {path} to resume ({e}); nothing was removed, rerun to try again") from e
+        try:
+            return pq.read_table(pa.BufferReader(data), columns=["id"]).column("id").to_pylist()
+        except pa.ArrowException:
+            return None
+
+    def _pending_files(self, runs: list[str]) -> list[str]:
+        files = []
+        for run in runs:
+            directory = f"{self.path}/{PENDING}/{run}"
+            self.fs.invalidate_cache(directory)  # Ray's workers wrote there, not this process
+            if self.fs.exists(directory):
+                files += sorted(p for p in self.fs.find(directory) if p.endswith(".parquet"))
+        return files
+
+    def _remove(self, path: str) -> None:
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+    def _remove_if_empty(self, directory: str) -> None:
+        self.fs.invalidate_cache(directory)
+        if self.fs.isdir(directory) and not self.fs.ls(directory):
+            self.fs.rmdir(directory)

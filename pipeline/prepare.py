@@ -80,10 +80,14 @@ def prepare_batch(
     for row in batch.to_pylist():
         row["question"] = prompt if row.get("question") is None else row["question"]
         row["max_new_tokens"] = row.get("max_new_tokens") or max_new_tokens
+        if row.get("error") is not None:  # the reader found the row malformed
+            out.append(row)
+            continue
         try:
-            check_question(row["question"], builder.tokenizer, max_question_tokens)
+            check_question(row["question"], builder, max_question_tokens)
             images = load_images(row, storage, max_image_bytes, max_image_pixels)
             prepared = builder(images, row["question"])
+            check_length(len(prepared.input_ids), row["max_new_tokens"], builder.max_positions)
         except Exception as e:  # recorded on the row: one bad input never fails the batch
             row["error_code"], row["error"] = describe(e)
         else:
@@ -92,12 +96,22 @@ def prepare_batch(
     return align(out, PREPARED_SCHEMA)
 
 
-def check_question(question: str, tokenizer, max_tokens: int) -> None:
+def check_question(question: str, builder, max_tokens: int) -> None:
     if not question.strip():
         raise RowFailure("bad_question", "the question is empty")
-    n = len(tokenizer(question, add_special_tokens=False)["input_ids"])
+    n = len(builder.tokens(question, as_text=True))
     if n > max_tokens:
         raise RowFailure("bad_question", f"the question is {n} tokens, over the limit of {max_tokens}")
+
+
+def check_length(prompt_tokens: int, max_new_tokens: int, max_positions: int | None) -> None:
+    """The prompt and the longest answer must fit in the model's positions."""
+    if max_positions is not None and prompt_tokens + max_new_tokens > max_positions:
+        raise RowFailure(
+            "invalid_row",
+            f"max_new_tokens {max_new_tokens} after a prompt of {prompt_tokens} tokens passes the model's "
+            f"{max_positions} positions",
+        )
 
 
 def load_images(row: dict, storage: StorageOptions, max_image_bytes: int, max_pixels: int) -> list[Image.Image]:

@@ -6,13 +6,15 @@ under a prefix, a `datasets` dataset saved on disk, or the bundled sample images
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
 
 from pipeline.config import SAMPLES_DIR, JobConfig
-from pipeline.storage import filesystem_for, pyarrow_filesystem
+from pipeline.storage import StorageOptions, filesystem_for, pyarrow_filesystem
 from schemas import MANIFEST_SCHEMA, align
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -24,71 +26,171 @@ def read_source(config: JobConfig):
     return SOURCES[kind](config)
 
 
+# Manifest columns read as text whatever their cells look like, so ids stay as written (`007`
+# is not 7, `1e3` not 1000.0), and each row's values are checked on their own (normalize_row).
+TEXT_COLUMNS = ("id", "image", "images", "question", "max_new_tokens")
+MAX_NEW_TOKENS_LIMIT = 2**31 - 1  # int32 in the schemas; the model's own limit is checked later
+
+
 def read_manifest(config: JobConfig):
+    import pyarrow.csv
     import ray.data
 
     uri = config.manifest
     fs, path = pyarrow_filesystem(uri, config.storage)
     suffix = PurePosixPath(path).suffix.lower()
-    readers = {
-        ".parquet": ray.data.read_parquet,
-        ".jsonl": ray.data.read_json,
-        ".json": ray.data.read_json,
-        ".csv": ray.data.read_csv,
-    }
-    if suffix not in readers:
-        raise ValueError(f"manifest {uri}: unknown format {suffix!r}; expected one of {sorted(readers)}")
+    if suffix == ".parquet":
+        rows, normalize = ray.data.read_parquet(path, filesystem=fs), normalize_manifest
+    elif suffix in (".jsonl", ".json"):
+        # Parsed here, line by line, not by pyarrow's JSON reader: it infers types (an id 7 cannot
+        # be read as a string) and one line of another shape fails the whole file.
+        rows, normalize = ray.data.read_text(path, filesystem=fs), parse_json_lines
+    elif suffix == ".csv":
+        as_text = pyarrow.csv.ConvertOptions(
+            column_types={name: pa.string() for name in TEXT_COLUMNS}, strings_can_be_null=True
+        )
+        rows, normalize = ray.data.read_csv(path, filesystem=fs, convert_options=as_text), normalize_manifest
+    else:
+        raise ValueError(f"manifest {uri}: unknown format {suffix!r}; expected .parquet, .jsonl, .json or .csv")
     # Blocks of `rows_per_block` rows are the unit of streaming, retries and output files;
     # a single big manifest file would otherwise be one block, answered and written in one piece.
-    return (
-        readers[suffix](path, filesystem=fs)
-        .repartition(target_num_rows_per_block=config.rows_per_block)
-        .map_batches(normalize_manifest, batch_format="pyarrow")
+    return rows.repartition(target_num_rows_per_block=config.rows_per_block).map_batches(
+        normalize, batch_format="pyarrow"
     )
 
 
 def normalize_manifest(batch: pa.Table) -> pa.Table:
-    """`image` (one URI) or `images` (a list, or a JSON list in CSV) → `images`; ids as strings."""
-    rows = batch.to_pylist()
-    for row in rows:
-        row["id"] = "" if row.get("id") is None else str(row["id"])  # check_ids names rows without one
-        images = row.get("images", row.get("image"))
-        if isinstance(images, str):
-            images = json.loads(images) if images.lstrip().startswith("[") else [images]
-        row["images"] = images or []
+    """Manifest rows as read → MANIFEST_SCHEMA rows, one bad row marked `invalid_row` on its own."""
+    return align([normalize_row(row) for row in batch.to_pylist()], MANIFEST_SCHEMA)
+
+
+def parse_json_lines(batch: pa.Table) -> pa.Table:
+    """JSON Lines (Ray's `text` column) → MANIFEST_SCHEMA rows. Numbers keep their written form."""
+    rows = []
+    for line in batch.column("text").to_pylist():
+        try:
+            row = json.loads(line, parse_int=JsonNumber, parse_float=JsonNumber, parse_constant=JsonNumber)
+        except ValueError as e:
+            row = {"error": f"a manifest line is not JSON ({e}): {line[:80]!r}"}
+        if not isinstance(row, dict):
+            row = {"error": f"a manifest line is not a JSON object: {line[:80]!r}"}
+        rows.append(normalize_row(row))
     return align(rows, MANIFEST_SCHEMA)
+
+
+class JsonNumber(str):
+    """A JSON number kept as written (`1e3` stays "1e3"): an id as text, a count as a number, and
+    never an image URI or a question."""
+
+
+class InvalidRow(ValueError):
+    """A manifest row whose values have the wrong type or range."""
+
+
+def normalize_row(row: dict) -> dict:
+    """One manifest row → MANIFEST_SCHEMA's columns. `image` (one URI) or `images` (a list, or in
+    CSV a JSON list) → `images`; ids as strings, missing ones (null, NaN) as "" for check_ids to
+    name. A value of the wrong type or range marks the row `invalid_row`; it fails alone."""
+    out = {"id": row_id(row.get("id")), "images": [], "question": None, "max_new_tokens": None}
+    out["error_code"], out["error"] = ("invalid_row", row["error"]) if row.get("error") else (None, None)
+    try:
+        out["images"] = image_list(row.get("image"), row.get("images"))
+        out["question"] = optional_text(row.get("question"), "question")
+        out["max_new_tokens"] = optional_token_count(row.get("max_new_tokens"))
+    except InvalidRow as e:
+        out["error_code"], out["error"] = "invalid_row", str(e)
+    return out
+
+
+def row_id(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return value if isinstance(value, str) else str(value)
+
+
+def image_list(image, images) -> list[str]:
+    if image is not None and images is not None:
+        raise InvalidRow("the row gives both `image` and `images`; give one")
+    value = images if images is not None else image
+    if value is None:
+        return []
+    if isinstance(value, str) and not isinstance(value, JsonNumber):
+        listed = _json_list(value)
+        return listed if listed is not None else [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) and not isinstance(v, JsonNumber) for v in value):
+        return list(value)
+    raise InvalidRow(f"`images` must be URIs (strings), not {_kind(value)}")
+
+
+def _json_list(text: str) -> list[str] | None:
+    """The cell as a list when it is a valid JSON list of strings (a CSV `images` cell), else None."""
+    if not text.lstrip().startswith("["):
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, list) and all(isinstance(v, str) for v in value) else None
+
+
+def optional_text(value, name: str) -> str | None:
+    if value is None or (isinstance(value, str) and not isinstance(value, JsonNumber)):
+        return value
+    raise InvalidRow(f"`{name}` must be text, not {_kind(value)}")
+
+
+def optional_token_count(value) -> int | None:
+    """A per-row max_new_tokens: a whole number from 1 on (as a number or as text), or null."""
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
+        return None
+    number = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str):
+        try:
+            number = int(value.strip())
+        except ValueError:
+            pass
+    if number is None or not 1 <= number <= MAX_NEW_TOKENS_LIMIT:
+        raise InvalidRow(f"`max_new_tokens` must be a whole number from 1 to {MAX_NEW_TOKENS_LIMIT}, not {value!r}")
+    return number
+
+
+def _kind(value) -> str:
+    kind = "number" if isinstance(value, JsonNumber) else type(value).__name__
+    return f"{kind} {str(value)!r}"[:80]
 
 
 class ManifestError(ValueError):
     """The input cannot be run as given: rows without an id, or ids that repeat."""
 
 
-def check_ids(config: JobConfig, shown: int = 10) -> None:
+def check_ids(config: JobConfig, shown: int = 10) -> set[str] | None:
     """Before any GPU work: every row has an id and no id repeats. Reads the ids only (the
-    manifest's id column, or the dataset's); the other inputs make unique ids."""
+    manifest's id column, or the dataset's) and returns them; None for the inputs that make
+    their own unique ids (an image prefix, the samples)."""
     if config.manifest:
-        batches = read_manifest(config).select_columns(["id", "images"]).iter_batches(batch_format="pyarrow")
-        rows = (
-            (i, images)
-            for b in batches
-            for i, images in zip(b.column("id").to_pylist(), b.column("images").to_pylist())
-        )
+        columns = ["id", "images", "error"]
+        batches = read_manifest(config).select_columns(columns).iter_batches(batch_format="pyarrow")
+        rows = (row for b in batches for row in zip(*(b.column(c).to_pylist() for c in columns)))
     elif config.dataset:
         import datasets
 
         ds = datasets.load_from_disk(config.dataset)
         if config.id_column not in ds.column_names:
-            return  # the row index is the id
-        rows = ((None if i is None else str(i), None) for i in ds[config.id_column])
+            return None  # the row index is the id
+        rows = ((row_id(i), None, None) for i in ds[config.id_column])
     else:
-        return
+        return None
     seen: dict[str, int] = {}
     unnamed = []
-    for row_id, images in rows:
-        if not row_id:
-            unnamed.append(images)
+    for name, images, error in rows:
+        if not name:
+            unnamed.append(error or images)
         else:
-            seen[row_id] = seen.get(row_id, 0) + 1
+            seen[name] = seen.get(name, 0) + 1
     repeated = {i: n for i, n in seen.items() if n > 1}
     problems = []
     if unnamed:
@@ -99,16 +201,33 @@ def check_ids(config: JobConfig, shown: int = 10) -> None:
         problems.append(f"{len(repeated)} ids repeat: {named}{more}")
     if problems:
         raise ManifestError("; ".join(problems) + ". Every row needs a unique id; nothing was run.")
+    return set(seen)
 
 
 def list_images(config: JobConfig):
     """Every image under the prefix, sorted; its id is the path relative to the prefix."""
-    fs, root = filesystem_for(config.images, config.storage)
-    paths = sorted(p for p in fs.find(root) if PurePosixPath(p).suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
+    listing = image_listing(config.images, config.storage)
+    if not listing:
         raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {config.images}")
-    rows = [{"id": p[len(root) :].lstrip("/"), "images": [fs.unstrip_protocol(p)]} for p in paths]
+    rows = [{"id": name, "images": [uri]} for name, uri, _ in listing]
     return _from_rows(rows, config.rows_per_block)
+
+
+@functools.lru_cache(maxsize=2)
+def image_listing(prefix: str, storage: StorageOptions) -> tuple[tuple[str, str, str], ...]:
+    """(id, URI, version) of every image under the prefix, sorted; listed once per process (the
+    job's input and its fingerprint both need it). The version is the ETag, or size and mtime."""
+    fs, root = filesystem_for(prefix, storage)
+    found = fs.find(root, detail=True)
+    return tuple(
+        (path[len(root) :].lstrip("/"), fs.unstrip_protocol(path), _version(info))
+        for path, info in sorted(found.items())
+        if PurePosixPath(path).suffix.lower() in IMAGE_SUFFIXES
+    )
+
+
+def _version(info: dict) -> str:
+    return str(info.get("ETag") or info.get("etag") or f"{info.get('size')} {info.get('mtime')}")
 
 
 def read_dataset(config: JobConfig):
@@ -134,7 +253,7 @@ def read_dataset(config: JobConfig):
 
 def dataset_rows(batch: pa.Table, *, dataset: str, id_column: str, question_column: str, image_column: str):
     """Dataset rows ({bytes, path} image structs) → manifest rows with inline image bytes."""
-    ids = [str(i) for i in batch.column(id_column).to_pylist()]
+    ids = [row_id(i) for i in batch.column(id_column).to_pylist()]
     questions = (
         batch.column(question_column).to_pylist() if question_column in batch.column_names else [None] * batch.num_rows
     )

@@ -6,6 +6,7 @@ Manifest (what a job reads; `image` or `images` names the inputs):
     question        string, nullable   the question; null → the job's prompt (captioning)
     max_new_tokens  int32, nullable    per-row answer length; null → the job's default
     image_bytes     list<binary>, nullable  inline image bytes (the `datasets` input); `images` then only names them
+    error_code, error  string, nullable  set by the reader when the row itself is malformed (invalid_row)
 
 Result (one row per manifest row, schema version in the file metadata under `glimpse_batch.schema`):
     id, images, question      as in the manifest (question as asked, after defaulting)
@@ -44,6 +45,8 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("question", pa.string()),
         pa.field("max_new_tokens", pa.int32()),
         pa.field("image_bytes", pa.list_(pa.binary())),
+        pa.field("error_code", pa.string()),  # set by the reader on a malformed row: invalid_row
+        pa.field("error", pa.string()),
     ]
 )
 
@@ -55,8 +58,6 @@ PREPARED_SCHEMA = pa.schema(
         pa.field("pixel_values", pa.large_binary()),  # [P, C·t·p·p] in pixel_dtype, row-major
         pa.field("pixel_dtype", pa.string()),  # the model's dtype: float32, bfloat16 or float16
         pa.field("image_grid_thw", pa.list_(pa.int64())),  # [n_images × 3], flattened
-        pa.field("error_code", pa.string()),
-        pa.field("error", pa.string()),
     ]
 )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,29 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     from pipeline.glimpse.tiny import TinySpec, write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), TinySpec(layers=3, kv_heads=1, seed=7))
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """Moto's S3 server on 127.0.0.1 for a test module; yields (storage options, s3fs filesystem).
+    Moto keeps buckets for the whole server: tests make their own with `new_bucket`."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    from pipeline.storage import StorageOptions
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    options = StorageOptions(endpoint_url=f"http://{host}:{port}", key="testing", secret="testing")
+    yield options, s3fs.S3FileSystem(**options.s3fs_kwargs())
+    server.stop()
+
+
+def new_bucket(fs) -> str:
+    bucket = f"bucket-{uuid.uuid4().hex[:10]}"
+    fs.mkdir(bucket)
+    return bucket
 
 
 @pytest.fixture(scope="session")

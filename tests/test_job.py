@@ -12,28 +12,14 @@ import pytest
 from pipeline.config import JobConfig
 from pipeline.glimpse.__main__ import main as glimpse_cli
 from pipeline.glimpse.sampling import SamplingParams
-from pipeline.job import SUMMARY_FILE, run
-from pipeline.storage import StorageOptions, pyarrow_filesystem
+from pipeline.job import run
+from pipeline.output import OutputError
+from pipeline.storage import pyarrow_filesystem
+from pipeline.summary import SUMMARY_FILE
 from schemas import SCHEMA_METADATA_KEY, SCHEMA_VERSION
 from tests.conftest import FIXTURE, fixture_cases, fixture_requests, write_fixture_manifest
 
 MODEL = dict(model=str(FIXTURE / "base"), glimpse=str(FIXTURE / "glimpse"), max_new_tokens=8, batch_size=3)
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """A moto S3 server on 127.0.0.1 with one bucket; yields the storage options to reach it."""
-    import s3fs
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    options = StorageOptions(endpoint_url=f"http://{host}:{port}", key="testing", secret="testing")
-    fs = s3fs.S3FileSystem(**options.s3fs_kwargs())
-    fs.mkdir("corpus")
-    yield options, fs
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +67,7 @@ def assert_matches_reference(table: pa.Table, reference: dict, ids_to_case=lambd
 
 def test_s3_manifest_images_and_output(ray_session, s3, reference):
     options, fs = s3
+    fs.mkdir("corpus")
     for e in fixture_cases():
         for rel in e["case"]["images"]:
             fs.put(str(FIXTURE / rel), f"corpus/{rel}")
@@ -101,7 +88,7 @@ def test_s3_manifest_images_and_output(ray_session, s3, reference):
     assert json.loads(fs.cat(f"corpus/out/{SUMMARY_FILE}"))["visual_tokens_kept"] == sum(
         r["n_visual_kept"] for r in reference.values()
     )
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(OutputError, match="--overwrite"):
         run(config)
 
 

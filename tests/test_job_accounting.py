@@ -17,7 +17,8 @@ from PIL import Image
 
 from pipeline.config import JobConfig
 from pipeline.infer import in_control_sample
-from pipeline.job import SUMMARY_FILE, run
+from pipeline.job import run
+from pipeline.summary import SUMMARY_FILE
 from tests.conftest import FIXTURE, fixture_requests, write_fixture_manifest
 
 MODEL = dict(model=str(FIXTURE / "base"), glimpse=str(FIXTURE / "glimpse"), max_new_tokens=6, batch_size=3)

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +22,7 @@ from pipeline.config import JobConfig
 from pipeline.faults import ENV as FAULTS_ENV
 from pipeline.job import run
 from pipeline.sources import ManifestError
-from pipeline.storage import StorageOptions
-from tests.conftest import FIXTURE, fixture_cases, write_fixture_manifest
+from tests.conftest import FIXTURE, fixture_cases, new_bucket, write_fixture_manifest
 
 REPO = Path(__file__).parents[1]
 MODEL = dict(model=str(FIXTURE / "base"), glimpse=str(FIXTURE / "glimpse"), max_new_tokens=4, batch_size=4)
@@ -91,6 +89,7 @@ def test_every_bad_input_becomes_an_error_row(ray_session, tmp_path):
         output=str(tmp_path / "out"),
         max_image_pixels=5_000_000,
         max_question_tokens=60,
+        max_failed_fraction=1.0,
         **MODEL,
     )
     summary = run(config)
@@ -136,18 +135,10 @@ def test_duplicate_or_missing_ids_stop_the_job_before_any_work(ray_session, tmp_
 
 
 @pytest.fixture
-def s3_corpus(tmp_path):
-    """Moto's S3 on 127.0.0.1 holding the fixture images, 3 copies of each case in a manifest."""
-    import s3fs
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    options = StorageOptions(endpoint_url=f"http://{host}:{port}", key="testing", secret="testing")
-    fs = s3fs.S3FileSystem(**options.s3fs_kwargs())
-    bucket = f"corpus-{uuid.uuid4().hex[:8]}"  # moto keeps buckets for the whole process
-    fs.mkdir(bucket)
+def s3_corpus(s3, tmp_path):
+    """A bucket on moto's S3 holding the fixture images, 3 copies of each case in a manifest."""
+    options, fs = s3
+    bucket = new_bucket(fs)
     rows = []
     for e in fixture_cases():
         rel = e["case"]["images"][0]
@@ -157,8 +148,7 @@ def s3_corpus(tmp_path):
             for i in range(3)
         ]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "manifest.parquet")
-    yield options, fs, rows, bucket
-    server.stop()
+    return options, fs, rows, bucket
 
 
 def reference_answers(rows) -> dict[str, str]:
@@ -197,7 +187,7 @@ def finished_rows(directory: Path) -> int:
     """Rows in the Parquet files under `directory` whose footer is written: Ray writes a file in
     place, so one can be seen, and the driver killed, before it is complete."""
     rows = 0
-    for path in directory.glob("*.parquet"):
+    for path in directory.rglob("*.parquet"):
         try:
             rows += pq.read_metadata(path).num_rows
         except (OSError, pa.ArrowInvalid):
@@ -230,7 +220,8 @@ def test_an_interrupted_job_resumes_and_holds_each_id_once(ray_session, tmp_path
     assert not list(out.glob("*.parquet")), "a reader of the output saw files of an unfinished job"
     answered = finished_rows(out / "_pending")
     assert 0 < answered < len(rows)
-    (out / "_pending" / "cut-short.parquet").write_bytes(b"PAR1 a file the writer never finished")
+    (run_dir,) = (out / "_pending").iterdir()  # the killed run's own folder
+    (run_dir / "cut-short.parquet").write_bytes(b"PAR1 a file the writer never finished")
 
     summary = run(JobConfig(**options))
     table = pq.read_table(out)
@@ -263,6 +254,7 @@ def test_secrets_appear_in_no_log_row_metadata_or_summary(s3_corpus, tmp_path):
                 "manifest": f"s3://{bucket}/secret-manifest.jsonl",
                 "output": f"s3://{bucket}/secret-out",
                 "storage": {"endpoint_url": options.endpoint_url, "key": yaml_key, "secret": yaml_secret},
+                "max_failed_fraction": 1.0,
                 **MODEL,
             }
         )
@@ -295,32 +287,45 @@ def test_secrets_appear_in_no_log_row_metadata_or_summary(s3_corpus, tmp_path):
         assert not leaks, f"{secret} found in {leaks}"
 
 
-def test_reads_retry_transient_errors_only(monkeypatch):
-    from pipeline import storage
+@pytest.fixture
+def fault_plan(monkeypatch):
+    """Sets this process's fault plan (`plan()` and the filesystems are cached per process)."""
+    from pipeline import faults, storage
+
+    def set_plan(plan: dict) -> None:
+        monkeypatch.setenv(FAULTS_ENV, json.dumps(plan))
+        faults.plan.cache_clear()
+        storage.filesystem.cache_clear()
+
+    yield set_plan
+    monkeypatch.delenv(FAULTS_ENV, raising=False)
+    faults.plan.cache_clear()
+    storage.filesystem.cache_clear()
+
+
+def test_reads_are_retried_by_botocore_and_failures_keep_storage_codes(s3, fault_plan, tmp_path):
     from pipeline.failures import describe
+    from pipeline.storage import read_bytes
 
-    calls = []
+    options, fs = s3
+    bucket = new_bucket(fs)
+    fs.pipe(f"{bucket}/image.png", b"bytes")
+    fault_plan({"fail_reads": 2})  # below botocore: its standard retry mode must recover
+    assert read_bytes(f"s3://{bucket}/image.png", options, 100) == b"bytes"
+    fault_plan({})
 
-    def flaky(uri, options, max_bytes):
-        calls.append(uri)
-        if len(calls) < 3:
-            raise ConnectionError("connection reset")
-        return b"bytes"
-
-    monkeypatch.setattr(storage, "_read_once", flaky)
-    assert storage.read_bytes("s3://b/k", StorageOptions(), 100, backoff_s=0) == b"bytes" and len(calls) == 3
-
-    def denied(uri, options, max_bytes):
-        calls.append(uri)
-        raise PermissionError("AccessDenied")
-
-    calls.clear()
-    monkeypatch.setattr(storage, "_read_once", denied)
-    with pytest.raises(PermissionError) as raised:
-        storage.read_bytes("s3://b/k", StorageOptions(), 100, backoff_s=0)
-    assert len(calls) == 1 and describe(raised.value)[0] == "access_denied"
-
-    monkeypatch.setattr(storage, "_read_once", lambda *a: (_ for _ in ()).throw(TimeoutError("slow")))
-    with pytest.raises(storage.TransientStorageError) as raised:
-        storage.read_bytes("s3://b/k", StorageOptions(), 100, retries=2, backoff_s=0)
-    assert "3 attempts failed" in str(raised.value) and describe(raised.value)[0] == "storage_error"
+    os.mkfifo(tmp_path / "fifo")
+    unreachable = options.model_copy(update={"endpoint_url": "http://127.0.0.1:9", "max_attempts": 1})
+    cases = [
+        (f"s3://{bucket}/missing.png", options, "not_found"),
+        (f"s3://{bucket}", options, "unsupported_uri"),  # a bucket, not an object
+        (str(tmp_path), options, "unsupported_uri"),  # a directory
+        (str(tmp_path / "fifo"), options, "unsupported_uri"),  # would block a reader forever
+        ("foo://bucket/image.png", options, "unsupported_uri"),
+        ("gs://bucket/image.png", options, "unsupported_uri"),  # gcsfs is not installed
+        (f"s3://{bucket}/image.png", unreachable, "storage_error"),
+    ]
+    for uri, storage, code in cases:
+        with pytest.raises(Exception) as raised:
+            read_bytes(uri, storage, 100)
+        assert describe(raised.value)[0] == code, (uri, raised.value)

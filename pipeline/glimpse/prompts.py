@@ -13,6 +13,8 @@ from PIL import Image
 
 from pipeline.glimpse.errors import RequestError
 
+# Stands in for the question while the chat template is rendered; split out again before tokenizing.
+QUESTION_SLOT = "\x00glimpse-batch:question\x00"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -55,11 +57,14 @@ class PreparedPrompt:
 class PromptBuilder:
     """Builds the prompt of one user turn (images, then the question) plus the generation prompt."""
 
-    def __init__(self, tokenizer, image_processor, image_token_id: int, merge_size: int) -> None:
+    def __init__(
+        self, tokenizer, image_processor, image_token_id: int, merge_size: int, max_positions: int | None = None
+    ) -> None:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.image_token_id = image_token_id
         self.merge_size = merge_size
+        self.max_positions = max_positions  # prompt + answer tokens the model's positions cover
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, model_config, min_pixels=None, max_pixels=None) -> PromptBuilder:
@@ -74,8 +79,13 @@ class PromptBuilder:
                 "shortest_edge": overrides.get("min_pixels", image_processor.size["shortest_edge"]),
                 "longest_edge": overrides.get("max_pixels", image_processor.size["longest_edge"]),
             }
+        text_config = getattr(model_config, "text_config", model_config)
         return cls(
-            tokenizer, image_processor, model_config.image_token_id, model_config.vision_config.spatial_merge_size
+            tokenizer,
+            image_processor,
+            model_config.image_token_id,
+            model_config.vision_config.spatial_merge_size,
+            getattr(text_config, "max_position_embeddings", None),
         )
 
     def text(self, n_images: int, question: str) -> str:
@@ -83,6 +93,21 @@ class PromptBuilder:
         return self.tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
         )
+
+    def token_ids(self, n_images: int, question: str) -> list[int]:
+        """The prompt's token ids. The template's own markup keeps its control tokens; the question
+        is tokenized as plain text (special tokens split), so a question that spells
+        `<|im_end|>`, `<|vision_start|>` or `<|endoftext|>` cannot end its turn, forge an image
+        or end the text. Control tokens bound the question, so no BPE merge crosses the seams."""
+        template = self.text(n_images, QUESTION_SLOT)
+        if template.count(QUESTION_SLOT) != 1:
+            raise RequestError("the chat template does not place the question exactly once")
+        before, after = template.split(QUESTION_SLOT)
+        return self.tokens(before) + self.tokens(question, as_text=True) + self.tokens(after)
+
+    def tokens(self, text: str, as_text: bool = False) -> list[int]:
+        """Token ids of `text`; `as_text`: special-token strings are split into ordinary tokens."""
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=as_text)["input_ids"]
 
     def __call__(self, images: list[Image.Image], question: str) -> PreparedPrompt:
         if not images:
@@ -93,7 +118,7 @@ class PromptBuilder:
             sizes = [im.size for im in images]
             raise RequestError(f"image(s) of size {sizes} cannot be prepared: {e}") from e
         grid = vision["image_grid_thw"]
-        ids = self.tokenizer(self.text(len(images), question), add_special_tokens=False)["input_ids"]
+        ids = self.token_ids(len(images), question)
         per_image = (grid.prod(-1) // self.merge_size**2).tolist()
         if ids.count(self.image_token_id) != len(per_image):
             raise RequestError(

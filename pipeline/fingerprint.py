@@ -1,0 +1,119 @@
+"""What a job's answers depend on, so that a rerun resumes only the same work.
+
+A fingerprint is a flat mapping of named parts (the input, the model, the modules, each option
+that changes answers) to short strings, so a mismatch can name what changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from pipeline.config import SAMPLES_DIR, JobConfig
+from pipeline.storage import StorageOptions, filesystem_for
+
+# JobConfig fields that change a row's answer, its error, or its columns. Batching, resources,
+# progress, prices and the output location do not, and may change between a run and its resume.
+ANSWER_OPTIONS = (
+    "prompt",
+    "prune",
+    "attn",
+    "threshold",
+    "max_keep_ratio",
+    "min_kept",
+    "keep_ratio",
+    "ignore_eos",
+    "max_new_tokens",
+    "min_pixels",
+    "max_pixels",
+    "max_image_bytes",
+    "max_image_pixels",
+    "max_question_tokens",
+    "control_fraction",
+    "image_column",
+    "question_column",
+    "id_column",
+)
+WHOLE_FILE_LIMIT = 16 << 20  # files up to this size are hashed whole; larger ones by size, time and ends
+EDGE_BYTES = 1 << 20
+
+
+def job_fingerprint(config: JobConfig, model: str, glimpse: str | None, dtype: str) -> dict[str, str]:
+    parts = {
+        "input": input_fingerprint(config),
+        "model": location_fingerprint(model),
+        "glimpse modules": location_fingerprint(glimpse) if glimpse and config.prune else "none",
+        "dtype": dtype,
+    }
+    parts.update({name: json.dumps(getattr(config, name)) for name in ANSWER_OPTIONS})
+    return parts
+
+
+def differences(recorded: dict[str, str], current: dict[str, str]) -> list[str]:
+    """What changed, one phrase per part: `max_new_tokens 8 → 2`, `input (changed)`."""
+    changed = []
+    for name in sorted(set(recorded) | set(current)):
+        before, after = recorded.get(name), current.get(name)
+        if before == after:
+            continue
+        if name in ANSWER_OPTIONS or name == "dtype":
+            changed.append(f"{name} {before} → {after}")
+        else:
+            changed.append(f"{name} (changed)")
+    return changed
+
+
+def input_fingerprint(config: JobConfig) -> str:
+    if config.manifest:
+        return object_fingerprint(config.manifest, config.storage)
+    if config.images:
+        from pipeline.sources import image_listing
+
+        return _digest(json.dumps(image_listing(config.images, config.storage)))
+    if config.dataset:
+        import datasets
+
+        ds = datasets.load_from_disk(config.dataset)
+        return _digest(f"{ds._fingerprint} {ds.column_names}")
+    return location_fingerprint(str(SAMPLES_DIR))
+
+
+def object_fingerprint(uri: str, storage: StorageOptions) -> str:
+    """An object store's version of the object (ETag), or a hash of a local file's content."""
+    fs, path = filesystem_for(uri, storage)
+    info = fs.info(path)
+    version = info.get("ETag") or info.get("etag")
+    if version:
+        return _digest(f"{info.get('size')} {version}")
+    return _file_digest(Path(path))
+
+
+def location_fingerprint(location: str) -> str:
+    """A local checkpoint directory by its files' contents; a hub id or URI as written."""
+    path = Path(location)
+    if not path.is_dir():
+        return location
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return _digest(json.dumps([[str(p.relative_to(path)), _file_digest(p)] for p in files]))
+
+
+def _file_digest(path: Path) -> str:
+    """sha256 of a file up to WHOLE_FILE_LIMIT; of a larger one (model weights), its size,
+    modification time and first and last MiB."""
+    stat = path.stat()
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        if stat.st_size <= WHOLE_FILE_LIMIT:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        else:
+            digest.update(f"{stat.st_size} {stat.st_mtime_ns}".encode())
+            digest.update(f.read(EDGE_BYTES))
+            f.seek(-EDGE_BYTES, 2)
+            digest.update(f.read(EDGE_BYTES))
+    return digest.hexdigest()[:32]
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
