@@ -45,9 +45,7 @@ def holder_record(run_id: str, timeout_s: float) -> dict:
 
 def describe_holder(holder: dict) -> str:
     age = time.time() - holder.get("heartbeat", 0)
-    return (
-        f"run {holder.get('run_id')} (pid {holder.get('pid')} on {holder.get('host')}, lease renewed {age:.0f}s ago)"
-    )
+    return f"run {holder.get('run_id')} (pid {holder.get('pid')} on {holder.get('host')}, lease renewed {age:.0f}s ago)"
 
 
 def is_dead(holder: dict) -> bool:
