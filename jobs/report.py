@@ -7,7 +7,6 @@ one self-contained page with the plots inlined.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,21 +21,18 @@ def main(argv: list[str] | None = None) -> int:
     add_storage_options(parser)
     args = parser.parse_args(argv)
 
-    import pyarrow.parquet as pq
-
+    from pipeline.output import OutputDir, OutputError
     from pipeline.report import render
-    from pipeline.storage import StorageOptions, filesystem_for, pyarrow_filesystem
-    from pipeline.summary import COLUMNS, SUMMARY_FILE, summarize
+    from pipeline.storage import StorageOptions
+    from pipeline.summary import COLUMNS, summarize
 
-    storage = StorageOptions(**storage_overrides(args))
-    fs, path = filesystem_for(args.output, storage)
-    if not fs.exists(path) or not any(p.endswith(".parquet") for p in fs.find(path)):
-        print(f"error: no Parquet files under {args.output}", file=sys.stderr)
+    output = OutputDir(args.output, StorageOptions(**storage_overrides(args)))
+    try:
+        table = output.read_results(COLUMNS)  # only the files the job wrote, whatever lies beside them
+        written = output.read_summary()
+    except OutputError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    summary_path = f"{path.rstrip('/')}/{SUMMARY_FILE}"
-    written = json.loads(fs.cat(summary_path)) if fs.exists(summary_path) else {}
-    arrow_fs, arrow_path = pyarrow_filesystem(args.output, storage)
-    table = pq.read_table(arrow_path, filesystem=arrow_fs, columns=COLUMNS)
     price = args.gpu_hourly_usd if args.gpu_hourly_usd is not None else written.get("gpu_hourly_usd")
     summary = summarize(table, args.output, written.get("wall_s", 0.0), price, written.get("engine_busy_fraction"))
     args.out.mkdir(parents=True, exist_ok=True)

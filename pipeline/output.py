@@ -72,7 +72,10 @@ class OutputDir:
             self.lease = LocalLease(self.path, run_id, timeout_s)
         else:
             self.lease = ObjectLease(self.fs, self.path, run_id, timeout_s)
-        self.lease.acquire(take_over)
+        try:
+            self.lease.acquire(take_over)
+        except OSError as e:  # no such bucket, no permission to write there…
+            raise OutputError(f"cannot take the lease on {self.uri}: {type(e).__name__}: {e}") from e
         try:
             yield self
         finally:
@@ -137,11 +140,19 @@ class OutputDir:
 
     def read_results(self, columns: list[str]) -> pa.Table:
         """This job's published rows (only the files its record lists), `columns` of them."""
-        if not self.record.files:
+        record = self.record or self._read_record()
+        if record is None:
+            raise OutputError(f"{self.uri} holds no job output (no {RECORD_FILE})")
+        if not record.files:
             return pa.schema([RESULT_SCHEMA.field(c) for c in columns]).empty_table()
         arrow_fs, _ = pyarrow_filesystem(self.uri, self.storage)
-        paths = [f"{self.path}/{name}" for name in self.record.files]
+        paths = [f"{self.path}/{name}" for name in record.files]
         return pq.ParquetDataset(paths, filesystem=arrow_fs).read(columns=columns)
+
+    def read_summary(self) -> dict:
+        """The job's `_summary.json`, or {} before the job has written it."""
+        path = f"{self.path}/{SUMMARY_FILE}"
+        return json.loads(self.fs.cat_file(path)) if self.fs.exists(path) else {}
 
     def finish(self, summary: dict) -> None:
         """Writes the summary, then marks the job done."""

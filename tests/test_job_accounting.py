@@ -198,8 +198,9 @@ def test_report_renders_in_headless_chromium(controlled_job, tmp_path, capsys):
     assert page_shot.height > 900
 
 
-def test_report_refuses_an_output_without_parquet(tmp_path, capsys):
+def test_report_refuses_a_folder_that_holds_no_job_output(tmp_path, capsys):
     from jobs.report import main as report_main
 
+    pq.write_table(pa.table({"id": ["x"]}), tmp_path / "someone-elses.parquet")
     assert report_main([str(tmp_path), "--out", str(tmp_path / "report")]) == 2
-    assert "no Parquet files" in capsys.readouterr().err
+    assert "holds no job output" in capsys.readouterr().err
