@@ -31,6 +31,7 @@ ANSWER_OPTIONS = (
     "max_image_pixels",
     "max_question_tokens",
     "control_fraction",
+    "kv_cache_gib",  # a row whose answer alone passes the budget fails as invalid_row
     "image_column",
     "question_column",
     "id_column",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pyarrow.compute as pc
 from pipeline import faults
 from pipeline.config import JobConfig
 from pipeline.fingerprint import job_fingerprint
-from pipeline.output import OutputDir
+from pipeline.output import OutputDir, new_run_id
 from pipeline.prepare import prepare_batch
 from pipeline.progress import ProgressCounter, ProgressLog
 from pipeline.sources import check_ids, read_source
@@ -148,7 +147,7 @@ def run(config: JobConfig, overwrite: bool = False, take_over_lease: bool = Fals
     input_ids = check_ids(config)
     engine = resolve_engine(config)
     fingerprint = job_fingerprint(config, engine.model, engine.glimpse, engine.dtype)
-    run_id = uuid.uuid4().hex
+    run_id = new_run_id()
     with output.leased(run_id, config.lease_timeout_s, take_over_lease):
         done = output.begin(run_id, fingerprint, overwrite, input_ids)
         faults.reached("started")

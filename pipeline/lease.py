@@ -48,6 +48,15 @@ def describe_holder(holder: dict) -> str:
     return f"run {holder.get('run_id')} (pid {holder.get('pid')} on {holder.get('host')}, lease renewed {age:.0f}s ago)"
 
 
+def is_lease(holder: dict) -> bool:
+    """Whether a lease file's content is one this job writes (else it is someone else's file)."""
+    return isinstance(holder.get("run_id"), str) and {"host", "pid", "heartbeat", "timeout_s"} <= holder.keys()
+
+
+def foreign(path: str) -> LeaseHeld:
+    return LeaseHeld(f"{path} is not a lease this job wrote; the output holds a file of the same name")
+
+
 def is_dead(holder: dict) -> bool:
     """Whether the holder is gone: its heartbeat is older than its timeout, or it ran on this host
     and its process has ended."""
@@ -84,8 +93,13 @@ class LocalLease:
             if _same_file(fd, self.path):
                 break
             os.close(fd)  # locked a lease file its holder removed on release: lock the current one
-        previous = _json_or_empty(os.pread(fd, 1 << 16, 0))
-        if previous.get("run_id"):
+        content = os.pread(fd, 1 << 16, 0)
+        previous = _json_or_empty(content)
+        if content and not is_lease(previous):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            raise foreign(str(self.path))
+        if previous:
             log.warning("taking over the lease of %s, whose process has ended", describe_holder(previous))
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder_record(self.run_id, self.timeout_s)).encode(), 0)
@@ -114,25 +128,37 @@ class ObjectLease:
         self._thread: threading.Thread | None = None
 
     def acquire(self, take_over: bool = False) -> None:
-        try:
-            self._etag = self._put(IfNoneMatch="*")
-        except FileExistsError:
-            holder, etag = self._read()
-            if not (take_over or is_dead(holder)):
-                raise LeaseHeld(
-                    f"s3://{self.key.rsplit('/', 1)[0]} is being written by {describe_holder(holder)}; if that "
-                    f"job is dead, wait {holder.get('timeout_s', 0):.0f}s past its last heartbeat, "
-                    "or pass --take-over-lease"
-                ) from None
-            log.warning("taking over the lease of %s", describe_holder(holder))
+        for _ in range(3):  # the holder may release between our write and our read: try again
             try:
-                self._etag = self._put(IfMatch=etag)
-            except OSError as e:  # another job took it over first
-                raise LeaseHeld(f"another job took over the lease of {self.key} first ({e})") from None
+                self._etag = self._put(IfNoneMatch="*")
+                break
+            except FileExistsError:
+                holder, etag = self._read()
+            if etag is not None:
+                self._take_over(holder, etag, take_over)
+                break
+        else:
+            raise LeaseHeld(f"s3://{self.key} keeps changing: another job is taking it")
         if self._read()[0].get("run_id") != self.run_id:
             raise LeaseHeld(f"{self.key} was written by another job at the same time")
         self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
         self._thread.start()
+
+    def _take_over(self, holder: dict, etag: str, forced: bool) -> None:
+        """Replaces a dead (or, `forced`, any) holder's lease, only if it is still that version."""
+        if not is_lease(holder):
+            raise foreign(f"s3://{self.key}")
+        if not (forced or is_dead(holder)):
+            raise LeaseHeld(
+                f"s3://{self.key.rsplit('/', 1)[0]} is being written by {describe_holder(holder)}; if that "
+                f"job is dead, wait {holder.get('timeout_s', 0):.0f}s past its last heartbeat, "
+                "or pass --take-over-lease"
+            )
+        log.warning("taking over the lease of %s", describe_holder(holder))
+        try:
+            self._etag = self._put(IfMatch=etag)
+        except OSError as e:  # another job took it over first
+            raise LeaseHeld(f"another job took over the lease of {self.key} first ({e})") from None
 
     def check(self) -> None:
         if self._lost:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
+import re
+import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
@@ -30,6 +32,10 @@ from schemas import RESULT_SCHEMA
 log = logging.getLogger(__name__)
 PENDING = "_pending"
 RECORD_FILE = "_job.json"
+STARTED_FILE = "_started"
+STATES = ("running", "publishing", "done")
+RUN_ID = re.compile(r"[0-9a-f]{32}")
+RESULT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\.parquet")
 SHOWN = 5
 
 
@@ -48,8 +54,32 @@ class JobRecord:
 
     @classmethod
     def from_json(cls, data: bytes) -> JobRecord:
+        """The record, checked: every name in it is one this job could have written, so that no
+        edited or corrupt record can make the job read, move or delete anything else."""
         value = json.loads(data)
-        return cls(**{k: value[k] for k in ("fingerprint", "runs", "state", "files")})
+        record = cls(**{k: value[k] for k in ("fingerprint", "runs", "state", "files")})
+        if not (isinstance(record.fingerprint, dict) and all(isinstance(v, str) for v in record.fingerprint.values())):
+            raise ValueError("its fingerprint is not a mapping of strings")
+        if record.state not in STATES:
+            raise ValueError(f"its state is not one of {STATES}")
+        if not (isinstance(record.runs, list) and record.runs and all(is_run_id(r) for r in record.runs)):
+            raise ValueError("its runs are not run ids")
+        if not (isinstance(record.files, list) and all(is_result_name(f) for f in record.files)):
+            raise ValueError("its files are not result file names")
+        return record
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex
+
+
+def is_run_id(value) -> bool:
+    return isinstance(value, str) and RUN_ID.fullmatch(value) is not None
+
+
+def is_result_name(value) -> bool:
+    """A plain file name in OUTPUT: no folder, not hidden or `_`-prefixed, ending in .parquet."""
+    return isinstance(value, str) and RESULT_NAME.fullmatch(value) is not None
 
 
 class OutputDir:
@@ -60,6 +90,7 @@ class OutputDir:
         self.path = path.rstrip("/")
         self.record: JobRecord | None = None
         self.lease: LocalLease | ObjectLease | None = None
+        self.salvaged: list[str] = []  # earlier runs' complete pending files this run resumes from
 
     def check_location(self) -> None:
         if self.fs.isfile(self.path):
@@ -117,7 +148,7 @@ class OutputDir:
         # A marker, so that the run's folder exists on object stores too: Ray removes the folder of
         # a write that wrote no rows (all were answered already), and fails where there is none.
         self.fs.makedirs(f"{self.path}/{PENDING}/{run_id}", exist_ok=True)
-        self.fs.pipe_file(f"{self.path}/{PENDING}/{run_id}/_started", b"")
+        self.fs.pipe_file(f"{self.path}/{PENDING}/{run_id}/{STARTED_FILE}", b"")
         return done
 
     def pending_uri(self, run_id: str) -> str:
@@ -127,7 +158,9 @@ class OutputDir:
         """Moves every run's finished files into place, one atomic rename (or S3 copy) each. The
         record lists them first, so a publication cut short is finished by the next run."""
         self.lease.check()
-        pending = self._pending_files(self.record.runs)
+        # This run's files and the earlier runs' files it resumed from, never files that appeared
+        # since: a run whose lease was taken over may still be writing into its own folder.
+        pending = [*self.salvaged, *self._pending_files(self.record.runs[-1:])]
         self.record.files = sorted(set(self.record.files) | {posixpath.basename(p) for p in pending})
         self.record.state = "publishing"
         self._write_record()
@@ -168,7 +201,9 @@ class OutputDir:
         try:
             return JobRecord.from_json(self.fs.cat_file(path))
         except (ValueError, KeyError, TypeError) as e:
-            raise OutputError(f"{self.uri}/{RECORD_FILE} is not a job record this version can read ({e})") from e
+            raise OutputError(
+                f"{self.uri}/{RECORD_FILE} is not a job record this version can read ({e}); nothing was changed"
+            ) from e
 
     def _write_record(self) -> None:
         """Whole or not at all: written beside, then moved over the old one."""
@@ -177,18 +212,29 @@ class OutputDir:
         self.fs.mv(temporary, f"{self.path}/{RECORD_FILE}")
 
     def _foreign_entries(self, record: JobRecord | None) -> list[str]:
-        """Names in the location that no run of this job wrote."""
-        if not self.fs.exists(self.path):
-            return []
-        ours = {RECORD_FILE, LEASE_FILE, PENDING}
+        """Names in the location, and in its _pending folder, that no run of this job wrote."""
+        runs = record.runs if record is not None else []
+        ours = {RECORD_FILE, LEASE_FILE, PENDING, *(f"{RECORD_FILE}.{run}" for run in runs)}
         if record is not None:
             ours |= {SUMMARY_FILE, *record.files}
-        names = {posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.path, detail=False)}
-        return sorted(name for name in names if name and name not in ours)
+        foreign = sorted(name for name in self._names(self.path) if name not in ours)
+        return foreign + sorted(
+            f"{PENDING}/{name}" for name in self._names(f"{self.path}/{PENDING}") if name not in runs
+        )
+
+    def _names(self, directory: str) -> set[str]:
+        """Entry names in a folder (none if it does not exist); an S3 console's folder marker,
+        the folder's own zero-byte key, is not an entry."""
+        self.fs.invalidate_cache(directory)
+        if not self.fs.isdir(directory):
+            return set()
+        paths = [p.rstrip("/") for p in self.fs.ls(directory, detail=False)]
+        return {posixpath.basename(p) for p in paths if p and p != directory}
 
     def _remove_owned(self, record: JobRecord) -> None:
         """--overwrite: the files the recorded job wrote, and nothing else."""
-        owned = [f"{self.path}/{name}" for name in [*record.files, SUMMARY_FILE]]
+        temporary = [f"{RECORD_FILE}.{run}" for run in record.runs]
+        owned = [f"{self.path}/{name}" for name in [*record.files, SUMMARY_FILE, *temporary]]
         log.warning("--overwrite: removing %d files of the earlier job in %s", len(record.files), self.uri)
         for path in owned:
             self._remove(path)
@@ -203,7 +249,9 @@ class OutputDir:
         published = [f"{self.path}/{name}" for name in record.files if self.fs.exists(f"{self.path}/{name}")]
         seen: set[str] = set()
         done = []
-        for path in [*published, *self._pending_files(record.runs)]:
+        self.salvaged = []
+        pending = self._pending_files(record.runs)
+        for path in [*published, *pending]:
             ids = self._ids_in(path)
             if ids is None:
                 reason = "left incomplete by an interrupted run"
@@ -214,6 +262,8 @@ class OutputDir:
             else:
                 seen.update(ids)
                 done.extend(ids)
+                if path in pending:
+                    self.salvaged.append(path)
                 continue
             log.warning("removing %s, %s", path, reason)
             self.fs.rm(path)

@@ -33,7 +33,6 @@ MAX_NEW_TOKENS_LIMIT = 2**31 - 1  # int32 in the schemas; the model's own limit 
 
 
 def read_manifest(config: JobConfig):
-    import pyarrow.csv
     import ray.data
 
     uri = config.manifest
@@ -46,10 +45,7 @@ def read_manifest(config: JobConfig):
         # be read as a string) and one line of another shape fails the whole file.
         rows, normalize = ray.data.read_text(path, filesystem=fs), parse_json_lines
     elif suffix == ".csv":
-        as_text = pyarrow.csv.ConvertOptions(
-            column_types={name: pa.string() for name in TEXT_COLUMNS}, strings_can_be_null=True
-        )
-        rows, normalize = ray.data.read_csv(path, filesystem=fs, convert_options=as_text), normalize_manifest
+        rows, normalize = ray.data.read_csv(path, filesystem=fs, convert_options=csv_as_text()), normalize_manifest
     else:
         raise ValueError(f"manifest {uri}: unknown format {suffix!r}; expected .parquet, .jsonl, .json or .csv")
     # Blocks of `rows_per_block` rows are the unit of streaming, retries and output files;
@@ -172,9 +168,7 @@ def check_ids(config: JobConfig, shown: int = 10) -> set[str] | None:
     manifest's id column, or the dataset's) and returns them; None for the inputs that make
     their own unique ids (an image prefix, the samples)."""
     if config.manifest:
-        columns = ["id", "images", "error"]
-        batches = read_manifest(config).select_columns(columns).iter_batches(batch_format="pyarrow")
-        rows = (row for b in batches for row in zip(*(b.column(c).to_pylist() for c in columns)))
+        rows = manifest_ids(config)
     elif config.dataset:
         import datasets
 
@@ -202,6 +196,44 @@ def check_ids(config: JobConfig, shown: int = 10) -> set[str] | None:
     if problems:
         raise ManifestError("; ".join(problems) + ". Every row needs a unique id; nothing was run.")
     return set(seen)
+
+
+def manifest_ids(config: JobConfig) -> list[tuple[str, list[str], str | None]]:
+    """(id, images, error) of every manifest row. A manifest that cannot be parsed at all (a CSV
+    row with too many cells, bytes that are not UTF-8, a missing file) is a ManifestError."""
+    columns = ["id", "images", "error"]
+    try:
+        batches = read_manifest(config).select_columns(columns).iter_batches(batch_format="pyarrow")
+        return [row for b in batches for row in zip(*(b.column(c).to_pylist() for c in columns))]
+    except Exception as e:
+        problem = manifest_problem(config, e)
+        raise ManifestError(f"cannot read the manifest {config.manifest}: {problem}; nothing was run") from None
+
+
+def manifest_problem(config: JobConfig, error: Exception) -> str:
+    """What is wrong with a manifest that could not be read, in one line. Ray's message for a CSV
+    hides the parser's (which row has too many cells), so a CSV is parsed again here to get it."""
+    import pyarrow.csv
+
+    cause = getattr(error, "cause", None) or error  # the reader's error inside Ray's wrapper
+    if config.manifest.lower().endswith(".csv") and not isinstance(cause, OSError):
+        try:
+            fs, path = filesystem_for(config.manifest, config.storage)
+            with fs.open(path, "rb") as f:
+                pyarrow.csv.read_csv(f, convert_options=csv_as_text())
+        except Exception as parse_error:
+            cause = parse_error
+    text = str(cause).strip()
+    return f"{type(cause).__name__}: {text.splitlines()[0]}" if text else type(cause).__name__
+
+
+def csv_as_text():
+    """pyarrow CSV options reading the manifest columns as text; empty cells are nulls."""
+    import pyarrow.csv
+
+    return pyarrow.csv.ConvertOptions(
+        column_types={name: pa.string() for name in TEXT_COLUMNS}, strings_can_be_null=True
+    )
 
 
 def list_images(config: JobConfig):

@@ -480,3 +480,123 @@ def test_every_fixture_case_question_is_unchanged_by_text_tokenization():
     for case in (e["case"] for e in fixture_cases()):
         joint = builder.tokenizer(builder.text(len(case["images"]), case["question"]), add_special_tokens=False)
         assert builder.token_ids(len(case["images"]), case["question"]) == joint["input_ids"]
+
+
+# Found by adversarial testing ------------------------------------------------------------------------
+
+
+def finished_output(tmp_path: Path, name: str = "out") -> Path:
+    """An output folder as a finished job leaves it (record, one result file, summary)."""
+    out = tmp_path / name
+    output = OutputDir(str(out), JobConfig().storage)
+    with output.leased("0" * 32, 60):
+        output.begin("0" * 32, {"input": "x"}, overwrite=False, input_ids=None)
+        pq.write_table(pa.table({"id": ["a"]}), out / "_pending" / ("0" * 32) / "part-0.parquet")
+        output.publish()
+        output.finish({"rows": 1})
+    return out
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        {"files": ["..", "part-0.parquet"]},
+        {"files": ["../precious.txt"]},
+        {"state": "running", "runs": ["0" * 32, "../../data"]},
+        {"fingerprint": None, "state": "running"},
+    ],
+)
+def test_an_edited_job_record_is_refused_and_nothing_outside_is_touched(tmp_path, tamper):
+    out = finished_output(tmp_path)
+    (tmp_path / "precious.txt").write_text("keep")
+    (tmp_path / "data").mkdir()
+    record = json.loads((out / "_job.json").read_text())
+    (out / "_job.json").write_text(json.dumps({**record, **tamper}))
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for overwrite in (False, True):
+        output = OutputDir(str(out), JobConfig().storage)
+        with output.leased("1" * 32, 60), pytest.raises(OutputError, match="not a job record"):
+            output.begin("1" * 32, {"input": "x"}, overwrite=overwrite, input_ids=None)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_foreign_lease_and_pending_files_are_refused_and_kept(tmp_path, s3):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "_lease.json").write_text('{"owner": "my other tool"}')
+    with pytest.raises(LeaseHeld, match="not a lease this job wrote"):
+        with OutputDir(str(tmp_path / "a"), JobConfig().storage).leased("1" * 32, 60):
+            pass
+    assert (tmp_path / "a" / "_lease.json").read_text() == '{"owner": "my other tool"}'
+
+    options, fs = s3
+    bucket = new_bucket(fs)
+    fs.pipe(f"{bucket}/out/_lease.json", b'{"owner": "my other tool"}')
+    with pytest.raises(LeaseHeld, match="not a lease this job wrote"):
+        with OutputDir(f"s3://{bucket}/out", options).leased("1" * 32, 60):
+            pass
+    assert fs.cat(f"{bucket}/out/_lease.json") == b'{"owner": "my other tool"}'
+
+    (tmp_path / "b" / "_pending").mkdir(parents=True)
+    (tmp_path / "b" / "_pending" / "notes.txt").write_text("notes")
+    output = OutputDir(str(tmp_path / "b"), JobConfig().storage)
+    with output.leased("1" * 32, 60), pytest.raises(OutputError, match="_pending/notes.txt"):
+        output.begin("1" * 32, {"input": "x"}, overwrite=True, input_ids=None)
+    assert (tmp_path / "b" / "_pending" / "notes.txt").read_text() == "notes"
+
+
+def test_an_s3_console_folder_marker_counts_as_empty(s3):
+    options, fs = s3
+    bucket = new_bucket(fs)
+    fs.pipe_file(f"{bucket}/out/", b"")  # what "Create folder" in a console leaves
+    output = OutputDir(f"s3://{bucket}/out", options)
+    with output.leased("1" * 32, 60):
+        assert len(output.begin("1" * 32, {"input": "x"}, overwrite=False, input_ids=None)) == 0
+
+
+def test_files_a_taken_over_run_writes_later_are_not_published(tmp_path):
+    """Run A lost its lease to B (--take-over-lease) but still writes: B publishes only what it
+    resumed from and its own files, so no id appears twice."""
+    first, second = "a" * 32, "b" * 32
+    out = tmp_path / "out"
+    output = OutputDir(str(out), JobConfig().storage)
+    with output.leased(first, 60):
+        output.begin(first, {"input": "x"}, overwrite=False, input_ids=None)
+    pq.write_table(pa.table({"id": ["r1", "r2"]}), out / "_pending" / first / "early.parquet")
+    resumed = OutputDir(str(out), JobConfig().storage)
+    with resumed.leased(second, 60):
+        assert sorted(resumed.begin(second, {"input": "x"}, overwrite=False, input_ids=None).to_pylist()) == [
+            "r1",
+            "r2",
+        ]
+        pq.write_table(pa.table({"id": ["r3"]}), out / "_pending" / first / "late.parquet")  # A, still writing
+        pq.write_table(pa.table({"id": ["r3"]}), out / "_pending" / second / "own.parquet")
+        resumed.publish()
+    assert output_ids(str(out)) == ["r1", "r2", "r3"]
+
+
+def test_kv_cache_budget_is_part_of_the_fingerprint(tmp_path):
+    from pipeline.fingerprint import differences, job_fingerprint
+
+    model = str(FIXTURE / "base")
+    small = job_fingerprint(JobConfig(kv_cache_gib=1e-7), model, None, "float32")
+    default = job_fingerprint(JobConfig(), model, None, "float32")
+    assert differences(small, default) == ["kv_cache_gib 1e-07 → null"]
+
+
+@pytest.mark.parametrize(
+    "name, content, reason",
+    [
+        ("m.csv", f"id,image,question\n1,{IMAGE},what\n2,{IMAGE},what, exactly?\n".encode(), "Expected 3 columns"),
+        ("m.csv", f"id,image,question\n1,{IMAGE},caf\xe9\n".encode("latin-1"), "UTF8"),
+        ("m.jsonl", f'{{"id": "1", "image": "{IMAGE}", "question": "caf\xe9"}}\n'.encode("latin-1"), "utf-8"),
+        ("m.txt", b"id\n1\n", "unknown format"),
+    ],
+)
+def test_a_manifest_that_cannot_be_parsed_stops_the_job_in_one_line(ray_session, tmp_path, name, content, reason):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ManifestError, match=reason) as raised:
+        run(JobConfig(manifest=str(tmp_path / name), output=str(tmp_path / "out"), **MODEL))
+    assert "\n" not in str(raised.value) and "nothing was run" in str(raised.value)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ManifestError, match="cannot read the manifest"):
+        run(JobConfig(manifest=str(tmp_path / "missing.csv"), output=str(tmp_path / "out"), **MODEL))
