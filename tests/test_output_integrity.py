@@ -195,11 +195,12 @@ def test_an_edited_manifest_is_not_resumed(ray_session, tmp_path):
 
 def test_a_transient_error_while_resuming_keeps_the_pending_files(tmp_path, monkeypatch):
     write_fixture_manifest(tmp_path / "m.parquet", copies=1)
+    first, second = "1" * 32, "2" * 32
     config = JobConfig(manifest=str(tmp_path / "m.parquet"), output=str(tmp_path / "out"))
     output = OutputDir(config.output, config.storage)
-    with output.leased("run-1", 60):
-        output.begin("run-1", {"input": "x"}, overwrite=False, input_ids=None)
-    pending = tmp_path / "out" / "_pending" / "run-1" / "part.parquet"
+    with output.leased(first, 60):
+        output.begin(first, {"input": "x"}, overwrite=False, input_ids=None)
+    pending = tmp_path / "out" / "_pending" / first / "part.parquet"
     pending.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"id": ["a", "b"]}), pending)
 
@@ -211,8 +212,8 @@ def test_a_transient_error_while_resuming_keeps_the_pending_files(tmp_path, monk
         return read(path, *args, **kwargs)
 
     monkeypatch.setattr(output.fs, "cat_file", flaky)
-    with output.leased("run-2", 60), pytest.raises(OutputError, match="nothing was removed"):
-        output.begin("run-2", {"input": "x"}, overwrite=False, input_ids=None)
+    with output.leased(second, 60), pytest.raises(OutputError, match="nothing was removed"):
+        output.begin(second, {"input": "x"}, overwrite=False, input_ids=None)
     assert pq.read_table(pending).num_rows == 2
 
 
