@@ -83,7 +83,7 @@ class LocalLease:
     def acquire(self, take_over: bool = False) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            created, fd = self._open()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -93,17 +93,26 @@ class LocalLease:
             if _same_file(fd, self.path):
                 break
             os.close(fd)  # locked a lease file its holder removed on release: lock the current one
-        content = os.pread(fd, 1 << 16, 0)
-        previous = _json_or_empty(content)
-        if content and not is_lease(previous):
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
-            raise foreign(str(self.path))
-        if previous:
+        if not created:  # a lease nobody holds: a dead run's, or a file that is not a lease at all
+            previous = _json_or_empty(os.pread(fd, 1 << 16, 0))
+            if not is_lease(previous):
+                os.close(fd)
+                raise foreign(str(self.path))
             log.warning("taking over the lease of %s, whose process has ended", describe_holder(previous))
-        os.ftruncate(fd, 0)
+            os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder_record(self.run_id, self.timeout_s)).encode(), 0)
         self._fd = fd
+
+    def _open(self) -> tuple[bool, int]:
+        """(created, fd): a new lease file, or the existing one; never through a symbolic link."""
+        try:
+            return True, os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        except FileExistsError:
+            pass
+        try:
+            return False, os.open(self.path, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError as e:  # a symbolic link (ELOOP), a folder, or gone again
+            raise foreign(str(self.path)) from e
 
     def check(self) -> None:
         """Nothing to check: nobody can take an flock from a live process."""

@@ -33,8 +33,9 @@ log = logging.getLogger(__name__)
 PENDING = "_pending"
 RECORD_FILE = "_job.json"
 STARTED_FILE = "_started"
-STATES = ("running", "publishing", "done")
+STATES = ("running", "publishing", "done", "overwriting")
 RUN_ID = re.compile(r"[0-9a-f]{32}")
+RECORD_TEMPORARY = re.compile(r"_job\.json\.[0-9a-f]{32}")  # a record being written (_write_record)
 RESULT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\.parquet")
 SHOWN = 5
 
@@ -125,10 +126,15 @@ class OutputDir:
                 f"write ({names}); write into an empty "
                 "location or one holding this job's own output (glimpse-batch never deletes what it did not write)"
             )
+        for name in self._entries(self.path):  # records a killed run left half-written
+            if RECORD_TEMPORARY.fullmatch(name):
+                self._remove(f"{self.path}/{name}")
         done = pa.array([], pa.string())
         if record is not None and overwrite:
-            self._remove_owned(record)
+            self._remove_owned(record, run_id)
             record = None
+        elif record is not None and record.state == "overwriting":
+            raise OutputError(f"an --overwrite of {self.uri} was interrupted; rerun it with --overwrite")
         elif record is not None and record.state == "done":
             raise OutputError(
                 f"{self.uri} holds a finished job's output; pass --overwrite to replace it "
@@ -176,6 +182,8 @@ class OutputDir:
         record = self.record or self._read_record()
         if record is None:
             raise OutputError(f"{self.uri} holds no job output (no {RECORD_FILE})")
+        if record.state == "overwriting":
+            raise OutputError(f"{self.uri} is being replaced by an --overwrite that has not finished")
         if not record.files:
             return pa.schema([RESULT_SCHEMA.field(c) for c in columns]).empty_table()
         arrow_fs, _ = pyarrow_filesystem(self.uri, self.storage)
@@ -200,7 +208,7 @@ class OutputDir:
             return None
         try:
             return JobRecord.from_json(self.fs.cat_file(path))
-        except (ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise OutputError(
                 f"{self.uri}/{RECORD_FILE} is not a job record this version can read ({e}); nothing was changed"
             ) from e
@@ -212,29 +220,47 @@ class OutputDir:
         self.fs.mv(temporary, f"{self.path}/{RECORD_FILE}")
 
     def _foreign_entries(self, record: JobRecord | None) -> list[str]:
-        """Names in the location, and in its _pending folder, that no run of this job wrote."""
+        """Names in the location, and in its _pending folder, that no run of this job wrote (a
+        name of ours on an entry of the wrong kind, such as a file called _pending, is foreign)."""
         runs = record.runs if record is not None else []
-        ours = {RECORD_FILE, LEASE_FILE, PENDING, *(f"{RECORD_FILE}.{run}" for run in runs)}
+        files = {RECORD_FILE, LEASE_FILE}
         if record is not None:
-            ours |= {SUMMARY_FILE, *record.files}
-        foreign = sorted(name for name in self._names(self.path) if name not in ours)
-        return foreign + sorted(
-            f"{PENDING}/{name}" for name in self._names(f"{self.path}/{PENDING}") if name not in runs
-        )
+            files |= {SUMMARY_FILE, *record.files}
+        entries = self._entries(self.path)
+        foreign = [
+            name
+            for name, kind in entries.items()
+            if not (
+                (kind == "file" and (name in files or RECORD_TEMPORARY.fullmatch(name)))
+                or (kind == "directory" and name == PENDING)
+            )
+        ]
+        if entries.get(PENDING) == "directory":
+            pending = self._entries(f"{self.path}/{PENDING}")
+            foreign += [
+                f"{PENDING}/{name}" for name, kind in pending.items() if not (kind == "directory" and name in runs)
+            ]
+        return sorted(foreign)
 
-    def _names(self, directory: str) -> set[str]:
-        """Entry names in a folder (none if it does not exist); an S3 console's folder marker,
-        the folder's own zero-byte key, is not an entry."""
+    def _entries(self, directory: str) -> dict[str, str]:
+        """{name: "file" | "directory" | "other"} in a folder (none if it does not exist); an S3
+        console's folder marker, the folder's own zero-byte key, is not an entry."""
         self.fs.invalidate_cache(directory)
         if not self.fs.isdir(directory):
-            return set()
-        paths = [p.rstrip("/") for p in self.fs.ls(directory, detail=False)]
-        return {posixpath.basename(p) for p in paths if p and p != directory}
+            return {}
+        entries = {}
+        for info in self.fs.ls(directory, detail=True):
+            path = info["name"].rstrip("/")
+            if path and path != directory:
+                entries[posixpath.basename(path)] = info["type"] if info.get("islink") is not True else "link"
+        return entries
 
-    def _remove_owned(self, record: JobRecord) -> None:
-        """--overwrite: the files the recorded job wrote, and nothing else."""
-        temporary = [f"{RECORD_FILE}.{run}" for run in record.runs]
-        owned = [f"{self.path}/{name}" for name in [*record.files, SUMMARY_FILE, *temporary]]
+    def _remove_owned(self, record: JobRecord, run_id: str) -> None:
+        """--overwrite: the files the recorded job wrote, and nothing else. The record says so
+        first, so that an --overwrite cut short is never taken for a finished or resumable job."""
+        self.record = JobRecord(record.fingerprint, [*record.runs, run_id], "overwriting", record.files)
+        self._write_record()
+        owned = [f"{self.path}/{name}" for name in [*record.files, SUMMARY_FILE]]
         log.warning("--overwrite: removing %d files of the earlier job in %s", len(record.files), self.uri)
         for path in owned:
             self._remove(path)

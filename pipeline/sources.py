@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 import pyarrow as pa
 
 from pipeline.config import SAMPLES_DIR, JobConfig
-from pipeline.storage import StorageOptions, filesystem_for, pyarrow_filesystem
+from pipeline.storage import StorageOptions, filesystem_for, object_version, pyarrow_filesystem
 from schemas import MANIFEST_SCHEMA, align
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -172,10 +172,19 @@ def check_ids(config: JobConfig, shown: int = 10) -> set[str] | None:
     elif config.dataset:
         import datasets
 
-        ds = datasets.load_from_disk(config.dataset)
+        try:
+            ds = datasets.load_from_disk(config.dataset)
+        except (OSError, ValueError) as e:
+            raise ManifestError(f"cannot read the dataset {config.dataset}: {e}; nothing was run") from None
         if config.id_column not in ds.column_names:
             return None  # the row index is the id
         rows = ((row_id(i), None, None) for i in ds[config.id_column])
+    elif config.images:
+        if not image_listing(config.images, config.storage):
+            raise ManifestError(
+                f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {config.images}; nothing was run"
+            )
+        return None
     else:
         return None
     seen: dict[str, int] = {}
@@ -252,14 +261,10 @@ def image_listing(prefix: str, storage: StorageOptions) -> tuple[tuple[str, str,
     fs, root = filesystem_for(prefix, storage)
     found = fs.find(root, detail=True)
     return tuple(
-        (path[len(root) :].lstrip("/"), fs.unstrip_protocol(path), _version(info))
+        (path[len(root) :].lstrip("/"), fs.unstrip_protocol(path), object_version(info))
         for path, info in sorted(found.items())
         if PurePosixPath(path).suffix.lower() in IMAGE_SUFFIXES
     )
-
-
-def _version(info: dict) -> str:
-    return str(info.get("ETag") or info.get("etag") or f"{info.get('size')} {info.get('mtime')}")
 
 
 def read_dataset(config: JobConfig):

@@ -92,6 +92,11 @@ def filesystem_for(uri: str, options: StorageOptions) -> tuple[fsspec.AbstractFi
     return fs, fs._strip_protocol(uri)
 
 
+def object_version(info: dict) -> str:
+    """What changes when an object changes: its ETag, or its size and modification time."""
+    return str(info.get("ETag") or info.get("etag") or f"{info.get('size')} {info.get('mtime')}")
+
+
 def pyarrow_filesystem(uri: str, options: StorageOptions):
     """The same filesystem wrapped for pyarrow and Ray Data readers/writers: (fs, path)."""
     from pyarrow.fs import FSSpecHandler, PyFileSystem

@@ -601,3 +601,67 @@ def test_a_manifest_that_cannot_be_parsed_stops_the_job_in_one_line(ray_session,
     assert not (tmp_path / "out").exists()
     with pytest.raises(ManifestError, match="cannot read the manifest"):
         run(JobConfig(manifest=str(tmp_path / "missing.csv"), output=str(tmp_path / "out"), **MODEL))
+
+
+def test_foreign_entries_with_our_names_are_refused_and_kept(tmp_path, s3):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "_pending").write_text("my notes")  # a file, not the job's folder
+    output = OutputDir(str(tmp_path / "a"), JobConfig().storage)
+    with output.leased("1" * 32, 60), pytest.raises(OutputError, match=r"\(_pending\)"):
+        output.begin("1" * 32, {"input": "x"}, overwrite=True, input_ids=None)
+    assert (tmp_path / "a" / "_pending").read_text() == "my notes"
+
+    options, fs = s3
+    bucket = new_bucket(fs)
+    fs.pipe(f"{bucket}/out/_pending", b"my notes")
+    output = OutputDir(f"s3://{bucket}/out", options)
+    with output.leased("1" * 32, 60), pytest.raises(OutputError, match=r"\(_pending\)"):
+        output.begin("1" * 32, {"input": "x"}, overwrite=True, input_ids=None)
+    assert fs.cat(f"{bucket}/out/_pending") == b"my notes"
+
+    for name, make in [
+        ("empty", lambda path: path.write_text("")),
+        ("link", lambda path: path.symlink_to(tmp_path / "outside.json")),
+    ]:
+        (tmp_path / name).mkdir()
+        make(tmp_path / name / "_lease.json")
+        with pytest.raises(LeaseHeld, match="not a lease this job wrote"):
+            with OutputDir(str(tmp_path / name), JobConfig().storage).leased("1" * 32, 60):
+                pass
+        assert (tmp_path / name / "_lease.json").is_symlink() == (name == "link")
+    assert not (tmp_path / "outside.json").exists()
+
+
+def test_a_half_written_record_or_a_cut_overwrite_never_blocks_or_misleads(tmp_path):
+    out = finished_output(tmp_path)
+    (out / f"_job.json.{'3' * 32}").write_text("{")  # a run killed while writing its record
+    output = OutputDir(str(out), JobConfig().storage)
+    with output.leased("4" * 32, 60), pytest.raises(OutputError, match="finished job's output"):
+        output.begin("4" * 32, {"input": "x"}, overwrite=False, input_ids=None)
+    assert not (out / f"_job.json.{'3' * 32}").exists()
+
+    cut = OutputDir(str(out), JobConfig().storage)
+    with cut.leased("5" * 32, 60):
+        cut._remove = lambda path: None  # the driver dies before it removes anything
+        cut.begin("5" * 32, {"input": "y"}, overwrite=True, input_ids=None)
+    assert json.loads((out / "_job.json").read_text())["state"] == "running"  # the new job's, not "done"
+    with pytest.raises(OutputError, match="no job output|holds no"):
+        OutputDir(str(tmp_path / "nowhere"), JobConfig().storage).read_results(["id"])
+
+
+def test_inputs_that_cannot_be_used_stop_the_job_in_one_line(ray_session, tmp_path):
+    (tmp_path / "no-images").mkdir()
+    (tmp_path / "parts.parquet").mkdir()
+    write_fixture_manifest(tmp_path / "parts.parquet" / "part-0.parquet", copies=1)
+    for config, problem in [
+        (JobConfig(images=str(tmp_path / "no-images"), output=str(tmp_path / "o1"), **MODEL), "no images"),
+        (
+            JobConfig(dataset=str(tmp_path / "no-dataset"), output=str(tmp_path / "o2"), **MODEL),
+            "cannot read the dataset",
+        ),
+    ]:
+        with pytest.raises(ManifestError, match=problem):
+            run(config)
+        assert not Path(config.output).exists()
+    summary = run(JobConfig(manifest=str(tmp_path / "parts.parquet"), output=str(tmp_path / "o3"), **MODEL))
+    assert summary.rows == len(fixture_cases())
