@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from pipeline.config import SAMPLES_DIR, JobConfig
-from pipeline.storage import StorageOptions, filesystem_for, object_version
+from pipeline.storage import StorageOptions, filesystem_for, object_version, protocol_of
 
 # JobConfig fields that change a row's answer, its error, or its columns. Batching, resources,
 # progress, prices and the output location do not, and may change between a run and its resume.
@@ -81,17 +81,16 @@ def input_fingerprint(config: JobConfig) -> str:
 
 
 def object_fingerprint(uri: str, storage: StorageOptions) -> str:
-    """An object store's version of the object (ETag), or a hash of a local file's content; a
-    folder of files (a partitioned Parquet manifest) by each file's version."""
+    """A local file by its content; an object by its version (storage.object_version); a folder
+    of files (a partitioned Parquet manifest) by each file's version."""
     fs, path = filesystem_for(uri, storage)
     info = fs.info(path)
     if info["type"] == "directory":
         files = sorted(fs.find(path, detail=True).items())
         return _digest(json.dumps([[name, object_version(info)] for name, info in files]))
-    version = info.get("ETag") or info.get("etag")
-    if version:
-        return _digest(f"{info.get('size')} {version}")
-    return _file_digest(Path(path))
+    if protocol_of(uri) == "file":
+        return _file_digest(Path(path))
+    return _digest(object_version(info))
 
 
 def location_fingerprint(location: str) -> str:

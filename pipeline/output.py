@@ -46,7 +46,8 @@ class OutputError(Exception):
 
 @dataclass
 class JobRecord:
-    """What a job wrote to its output. `state`: running → publishing → done."""
+    """What a job wrote to its output. `state`: running → publishing → done; overwriting while
+    --overwrite removes an earlier job's files."""
 
     fingerprint: dict[str, str]
     runs: list[str]
@@ -118,7 +119,8 @@ class OutputDir:
         already answered. Refuses foreign files, a finished job (unless `overwrite`, which removes
         only that job's files) and an unfinished run of another configuration."""
         record = self._read_record()
-        foreign = self._foreign_entries(record)
+        entries = self._entries(self.path)
+        foreign = self._foreign_entries(record, entries)
         if foreign:
             names = ", ".join(foreign[:SHOWN]) + (f" and {len(foreign) - SHOWN} more" if len(foreign) > SHOWN else "")
             raise OutputError(
@@ -126,7 +128,7 @@ class OutputDir:
                 f"write ({names}); write into an empty "
                 "location or one holding this job's own output (glimpse-batch never deletes what it did not write)"
             )
-        for name in self._entries(self.path):  # records a killed run left half-written
+        for name in entries:  # records a killed run left half-written
             if RECORD_TEMPORARY.fullmatch(name):
                 self._remove(f"{self.path}/{name}")
         done = pa.array([], pa.string())
@@ -219,14 +221,13 @@ class OutputDir:
         self.fs.pipe_file(temporary, json.dumps(asdict(self.record), indent=2).encode())
         self.fs.mv(temporary, f"{self.path}/{RECORD_FILE}")
 
-    def _foreign_entries(self, record: JobRecord | None) -> list[str]:
+    def _foreign_entries(self, record: JobRecord | None, entries: dict[str, str]) -> list[str]:
         """Names in the location, and in its _pending folder, that no run of this job wrote (a
         name of ours on an entry of the wrong kind, such as a file called _pending, is foreign)."""
         runs = record.runs if record is not None else []
         files = {RECORD_FILE, LEASE_FILE}
         if record is not None:
             files |= {SUMMARY_FILE, *record.files}
-        entries = self._entries(self.path)
         foreign = [
             name
             for name, kind in entries.items()
