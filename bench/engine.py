@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from bench.measure import PeakRSS, machine, spread  # noqa: E402
 from bench.workload import Workload  # noqa: E402
-from pipeline.glimpse.accounting import RequestShape, Roofline, Roofliner  # noqa: E402
 from pipeline.glimpse.baseline import transformers_generate  # noqa: E402
+from pipeline.glimpse.roofline import RequestShape, Roofline, Roofliner  # noqa: E402
 
 MODES = ("pruned", "unpruned", "transformers")
 
@@ -37,11 +37,11 @@ MODES = ("pruned", "unpruned", "transformers")
 def load_engine(args):
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     if args.preset:
-        from pipeline.glimpse.presets import build_engine
+        from pipeline.synthetic.presets import build_engine
 
         return build_engine(args.preset, dtype=dtype, device=args.device, attn_implementation=args.attn)
     from pipeline.glimpse.engine import GlimpseEngine
-    from pipeline.glimpse.tiny import ensure_tiny_checkpoint
+    from pipeline.synthetic.tiny import ensure_tiny_checkpoint
 
     tiny = ensure_tiny_checkpoint(Path(".cache/tiny").resolve())
     return GlimpseEngine.from_pretrained(
@@ -146,7 +146,7 @@ def roofline_figures(engine, shape: RequestShape, figures: dict, args, batch: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", help="a real-size shape with random weights (pipeline/glimpse/presets.py)")
+    parser.add_argument("--preset", help="a real-size shape with random weights (pipeline/synthetic/presets.py)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: bfloat16 on cuda, else float32")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])

@@ -55,7 +55,7 @@ def main() -> None:
     from pipeline.config import JobConfig
     from pipeline.job import run
 
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     figures = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-from pipeline.glimpse.accounting import H100_SXM, RequestShape, Roofliner  # noqa: E402
-from pipeline.glimpse.presets import cost_model  # noqa: E402
+from pipeline.glimpse.roofline import H100_SXM, RequestShape, Roofliner  # noqa: E402
+from pipeline.synthetic.presets import cost_model  # noqa: E402
 
 GRID = ((1, 68, 92),)  # 1280×960 resized to 1288×952: 68×92 patches, 34×46 merged tokens
 VISUAL = 34 * 46

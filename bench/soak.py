@@ -89,7 +89,7 @@ def main() -> int:
     from pipeline.config import JobConfig
     from pipeline.job import run
 
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         manifest, expected = write_corpus(tmp, args.rows, args.bad_share)

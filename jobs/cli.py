@@ -3,26 +3,91 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from types import UnionType
-from typing import Literal, Union, get_args, get_origin
+from typing import Literal, NoReturn, Union, get_args, get_origin
 
 from pipeline.config import JobConfig
 
 STORAGE_FLAGS = {"s3_endpoint_url": "endpoint_url", "s3_region": "region", "s3_anon": "anon"}
 
+# --help shows the options in these groups, in this order; every JobConfig field is in one.
+OPTION_GROUPS = {
+    "input": (
+        "manifest",
+        "images",
+        "dataset",
+        "image_column",
+        "question_column",
+        "id_column",
+        "prompt",
+        "max_new_tokens",
+    ),
+    "model": (
+        "model",
+        "model_revision",
+        "glimpse",
+        "glimpse_revision",
+        "prune",
+        "tiny_model_dir",
+        "dtype",
+        "attn",
+        "min_pixels",
+        "max_pixels",
+    ),
+    "pruning": ("threshold", "max_keep_ratio", "min_kept", "keep_ratio", "ignore_eos"),
+    "limits on inputs": ("max_image_bytes", "max_image_pixels", "max_question_tokens"),
+    "batching and resources": (
+        "batch_size",
+        "prefill_rows",
+        "kv_cache_gib",
+        "num_actors",
+        "gpus_per_actor",
+        "rows_per_block",
+        "prepare_batch_size",
+        "prepare_cpus",
+    ),
+    "output and accounting": (
+        "output",
+        "control_fraction",
+        "gpu_hourly_usd",
+        "progress_interval_s",
+        "max_failed_fraction",
+        "lease_timeout_s",
+    ),
+}
+
+
+class JobArgumentParser(argparse.ArgumentParser):
+    """argparse, with no abbreviated options (`--max-new-token` is not `--max-new-tokens`) and a
+    mistake reported in one line, without the usage block."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
 
 def add_job_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="job YAML; command-line options override it")
-    for name, field in JobConfig.model_fields.items():
-        if name == "storage":
-            continue
-        parser.add_argument(
-            f"--{name.replace('_', '-')}", dest=name, default=None, help=field.description, **_kind(field.annotation)
-        )
-    add_storage_options(parser)
+    parser.add_argument("--config", metavar="YAML", help="job options from a YAML file; the command line wins")
+    fields = JobConfig.model_fields
+    for title, names in OPTION_GROUPS.items():
+        group = parser.add_argument_group(title)
+        for name in names:
+            field = fields[name]
+            default = "" if field.default in (None, False) else f" (default: {field.default})"
+            group.add_argument(
+                f"--{name.replace('_', '-')}",
+                dest=name,
+                default=None,
+                help=f"{field.description}{default}",
+                **_kind(field.annotation),
+            )
+    add_storage_options(parser.add_argument_group("storage (credentials: job YAML or AWS environment variables)"))
 
 
-def add_storage_options(parser: argparse.ArgumentParser) -> None:
+def add_storage_options(parser) -> None:
     parser.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL)")
     parser.add_argument("--s3-region", help="S3 region (else AWS_REGION)")
     parser.add_argument("--s3-anon", action="store_true", default=None, help="anonymous S3 access")
@@ -43,6 +108,12 @@ def job_config(args: argparse.Namespace) -> JobConfig:
             config = config.model_copy(update={"storage": config.storage.model_copy(update=storage)})
         return config
     return JobConfig.validated({**given, "storage": storage})
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """A user's mistake: one line on stderr, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
 
 
 def _kind(annotation) -> dict:

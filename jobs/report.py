@@ -6,15 +6,14 @@ one self-contained page with the plots inlined.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from jobs.cli import add_storage_options, storage_overrides
+from jobs.cli import JobArgumentParser, add_storage_options, storage_overrides
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.report", description=__doc__.split("\n")[0])
+    parser = JobArgumentParser(prog="python -m jobs.report", description=__doc__.split("\n")[0])
     parser.add_argument("output", help="the job's output directory (local path or URI)")
     parser.add_argument("--out", type=Path, default=Path("report"), help="where report.html goes (default: report/)")
     parser.add_argument("--gpu-hourly-usd", type=float, help="GPU price per hour (default: the job's)")
@@ -24,11 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.output import OutputDir, OutputError
     from pipeline.report import render
     from pipeline.storage import StorageOptions
-    from pipeline.summary import COLUMNS, summarize
+    from pipeline.summary import summarize
+    from schemas import SUMMARY_COLUMNS
 
     output = OutputDir(args.output, StorageOptions(**storage_overrides(args)))
     try:
-        table = output.read_results(COLUMNS)  # only the files the job wrote, whatever lies beside them
+        table = output.read_results(SUMMARY_COLUMNS)  # only the files the job wrote, whatever lies beside them
         written = output.read_summary()
     except OutputError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,9 +1,9 @@
 """Answer questions about (or caption) an image corpus on Ray: `python -m jobs.vqa [options]`.
 
 With no input it runs on the bundled sample images with a tiny random-weight model built locally.
-Exit status: 0 done; 1 done, but more rows failed than --max-failed-fraction allows; 2 refused
-before any row was answered (bad options, ids, output location, lease, or a resume of other work);
-130 interrupted (rerun the same command to resume).
+Exit status: 0 done; 1 done, but more rows failed than --max-failed-fraction allows, or the job
+failed while running; 2 refused before any row was answered (bad options, input, model, output
+location, lease, or a resume of other work); 130 interrupted (rerun the same command to resume).
 """
 
 from __future__ import annotations
@@ -12,60 +12,82 @@ import argparse
 import logging
 import sys
 
-from jobs.cli import add_job_options, job_config
+from jobs.cli import JobArgumentParser, add_job_options, fail, job_config
 
 INTERRUPTED = 130
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.vqa", description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = JobArgumentParser(prog="python -m jobs.vqa", description=__doc__.split("\n")[0])
     add_job_options(parser)
-    parser.add_argument(
+    run = parser.add_argument_group("this run")
+    run.add_argument(
         "--overwrite",
         action="store_true",
         help="replace this job's earlier output; only files a run of the job wrote are removed",
     )
-    parser.add_argument(
+    run.add_argument(
         "--take-over-lease",
         action="store_true",
         help="take the output's lease from another run now, without waiting for its timeout (S3)",
     )
-    parser.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, or a local Ray)")
-    args = parser.parse_args(argv)
+    run.add_argument(
+        "--ray-address",
+        help="Ray cluster to join (default: RAY_ADDRESS if set, else a local Ray started for this job)",
+    )
+    run.add_argument("-v", "--verbose", action="store_true", help="show Ray's own INFO and WARNING lines")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         config = job_config(args)
-    except ValueError as e:
-        parser.error(str(e))
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return run_job(config, args)
+        checked = check_job(config)
+        return run_job(config, checked, args)
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return INTERRUPTED
+    except ValueError as e:  # a mistake in the options or the config file
+        fail(str(e))
 
 
-def run_job(config, args: argparse.Namespace) -> int:
-    import ray
+def check_job(config):
+    """What the driver can check before Ray starts; a problem ends the job with exit status 2."""
+    from pipeline.checkpoints import CheckpointError
+    from pipeline.job import check
+    from pipeline.output import OutputError
+    from pipeline.sources import ManifestError
 
+    try:
+        return check(config)
+    except (OutputError, ManifestError, CheckpointError) as e:
+        fail(str(e))
+
+
+def run_job(config, checked, args: argparse.Namespace) -> int:
+    from pipeline.cluster import start_ray
     from pipeline.job import TooManyFailures, run
     from pipeline.lease import LeaseHeld, LeaseLost
     from pipeline.output import OutputError
     from pipeline.sources import ManifestError
 
-    if not ray.is_initialized():
-        ray.init(address=args.ray_address, include_dashboard=False)
+    logs = start_ray(args.ray_address, args.verbose)
     try:
-        summary = run(config, overwrite=args.overwrite, take_over_lease=args.take_over_lease)
+        summary = run(config, overwrite=args.overwrite, take_over_lease=args.take_over_lease, checked=checked)
     except (OutputError, ManifestError, LeaseHeld) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        fail(str(e))
     except LeaseLost as e:
-        print(f"error: {e}; nothing was published", file=sys.stderr)
-        return 1
+        fail(f"{e}; nothing was published", code=1)
     except TooManyFailures as e:
         print("\n".join(e.summary.lines()))
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        fail(str(e), code=1)
+    except Exception as e:
+        if args.verbose:
+            raise
+        cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        fail(f"the job failed: {cause} (rerun with -v for Ray's output; logs in {logs or 'the Ray session'})", 1)
     print("\n".join(summary.lines()))
     return 0
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.storage import StorageOptions
 
@@ -31,15 +31,25 @@ class JobConfig(BaseModel):
     prompt: str = Field(DEFAULT_PROMPT, description="question for rows that have none")
     output: str = Field("out", description="output directory (local or URI) for Parquet and _summary.json")
 
-    model: str | None = Field(None, description="Qwen2.5-VL checkpoint: hub id or directory; none: tiny demo model")
-    glimpse: str | None = Field(None, description="GlimpsePrune modules directory; none with no model: the tiny ones")
+    model: str | None = Field(
+        None, description="Qwen2.5-VL checkpoint: hub id, directory or s3:// prefix; none: the tiny demo model"
+    )
+    model_revision: str | None = Field(None, description="hub revision of the model: branch, tag or commit")
+    glimpse: str | None = Field(
+        None, description="GlimpsePrune modules: hub id, directory or s3:// prefix; none with no model: the tiny ones"
+    )
+    glimpse_revision: str | None = Field(None, description="hub revision of the modules: branch, tag or commit")
     prune: bool = Field(True, description="prune with the glimpse modules (false: baseline)")
     tiny_model_dir: str = Field(".cache/tiny", description="where the demo's tiny model is built")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field("auto", description="auto: bf16 on GPU")
     attn: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description="attention implementation")
-    threshold: float | None = Field(None, description="keep threshold (default: the modules')")
-    max_keep_ratio: float | None = Field(None, description="keep at most this share of visual tokens")
-    min_kept: int | None = Field(None, description="keep at least this many visual tokens")
+    threshold: float | None = Field(
+        None, ge=0, le=1, allow_inf_nan=False, description="keep tokens scored above this, 0-1 (none: the modules')"
+    )
+    max_keep_ratio: float | None = Field(
+        None, gt=0, le=1, description="keep at most this share of visual tokens, in (0, 1]"
+    )
+    min_kept: int | None = Field(None, ge=0, description="keep at least this many visual tokens")
     keep_ratio: float | None = Field(
         None, gt=0, le=1, description="benchmarks: keep exactly this share of visual tokens (e.g. 0.074)"
     )
@@ -66,7 +76,11 @@ class JobConfig(BaseModel):
         description="decode KV-cache budget per actor "
         "(none: 70 percent of the GPU memory free after loading; no budget on CPU)",
     )
-    num_actors: int = Field(1, ge=1, description="inference actors (one engine each)")
+    num_actors: str = Field(
+        "1",
+        pattern=r"^[0-9]+(:[0-9]+)?$",
+        description="answering actors, one engine each: N, or MIN:MAX for a pool that autoscales",
+    )
     gpus_per_actor: float | None = Field(None, ge=0, description="none: 1 when the cluster has GPUs, else 0")
     rows_per_block: int = Field(
         1000,
@@ -102,6 +116,17 @@ class JobConfig(BaseModel):
 
     storage: StorageOptions = Field(default_factory=StorageOptions, description="S3 options")
 
+    @field_validator("num_actors", mode="before")
+    @classmethod
+    def actors_as_text(cls, value):
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @property
+    def actor_pool(self) -> tuple[int, int]:
+        """(min, max) answering actors."""
+        low, _, high = self.num_actors.partition(":")
+        return int(low), int(high or low)
+
     @model_validator(mode="after")
     def one_input(self) -> JobConfig:
         given = [name for name in ("manifest", "images", "dataset") if getattr(self, name)]
@@ -109,6 +134,12 @@ class JobConfig(BaseModel):
             raise ValueError(f"give one input, not {given}")
         if self.glimpse and not self.model:
             raise ValueError("glimpse modules need their model: set model too")
+        low, high = self.actor_pool
+        if not 1 <= low <= high:
+            raise ValueError(f"num_actors {self.num_actors}: need 1 <= MIN <= MAX")
+        for name in ("model", "glimpse"):
+            if getattr(self, f"{name}_revision") and not getattr(self, name):
+                raise ValueError(f"{name}_revision needs {name}")
         return self
 
     @classmethod
@@ -143,6 +174,8 @@ class JobConfig(BaseModel):
 
 def _problem(error: dict) -> str:
     where = ".".join(str(part) for part in error["loc"]) or "options"
+    if error["type"] == "value_error" and not error["loc"]:  # a check across options (model_validator)
+        return str(error["ctx"]["error"])
     if error["type"] == "extra_forbidden":
         return f"{where}: unknown option (is it indented under the right section?)"
     return f"{where}: {error['msg']}"

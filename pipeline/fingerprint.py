@@ -10,8 +10,10 @@ import hashlib
 import json
 from pathlib import Path
 
+from pipeline.checkpoints import Checkpoint
 from pipeline.config import SAMPLES_DIR, JobConfig
 from pipeline.storage import StorageOptions, filesystem_for, object_version, protocol_of
+from schemas import SCHEMA_VERSION
 
 # JobConfig fields that change a row's answer, its error, or its columns. Batching, resources,
 # progress, prices and the output location do not, and may change between a run and its resume.
@@ -40,12 +42,13 @@ WHOLE_FILE_LIMIT = 16 << 20  # files up to this size are hashed whole; larger on
 EDGE_BYTES = 1 << 20
 
 
-def job_fingerprint(config: JobConfig, model: str, glimpse: str | None, dtype: str) -> dict[str, str]:
+def job_fingerprint(config: JobConfig, model: Checkpoint, glimpse: Checkpoint | None, dtype: str) -> dict[str, str]:
     parts = {
         "input": input_fingerprint(config),
-        "model": location_fingerprint(model),
-        "glimpse modules": location_fingerprint(glimpse) if glimpse and config.prune else "none",
+        "model": checkpoint_version(model),
+        "glimpse modules": checkpoint_version(glimpse) if glimpse and config.prune else "none",
         "dtype": dtype,
+        "schema": SCHEMA_VERSION,
     }
     parts.update({name: json.dumps(getattr(config, name)) for name in ANSWER_OPTIONS})
     return parts
@@ -58,7 +61,7 @@ def differences(recorded: dict[str, str], current: dict[str, str]) -> list[str]:
         before, after = recorded.get(name), current.get(name)
         if before == after:
             continue
-        if name in ANSWER_OPTIONS or name == "dtype":
+        if name in ANSWER_OPTIONS or name in ("dtype", "schema"):
             changed.append(f"{name} {before} → {after}")
         else:
             changed.append(f"{name} (changed)")
@@ -77,7 +80,7 @@ def input_fingerprint(config: JobConfig) -> str:
 
         ds = datasets.load_from_disk(config.dataset)
         return _digest(f"{ds._fingerprint} {ds.column_names}")
-    return location_fingerprint(str(SAMPLES_DIR))
+    return directory_fingerprint(SAMPLES_DIR)
 
 
 def object_fingerprint(uri: str, storage: StorageOptions) -> str:
@@ -93,11 +96,14 @@ def object_fingerprint(uri: str, storage: StorageOptions) -> str:
     return _digest(object_version(info))
 
 
-def location_fingerprint(location: str) -> str:
-    """A local checkpoint directory by its files' contents; a hub id or URI as written."""
-    path = Path(location)
-    if not path.is_dir():
-        return location
+def checkpoint_version(checkpoint: Checkpoint) -> str:
+    """A local checkpoint by its files' contents; a hub or s3:// one by its resolved revision."""
+    if checkpoint.kind == "local":
+        return directory_fingerprint(Path(checkpoint.location))
+    return f"{checkpoint.location}@{checkpoint.revision}"
+
+
+def directory_fingerprint(path: Path) -> str:
     files = sorted(p for p in path.rglob("*") if p.is_file())
     return _digest(json.dumps([[str(p.relative_to(path)), _file_digest(p)] for p in files]))
 

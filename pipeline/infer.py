@@ -5,17 +5,21 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+import uuid
 
 import pyarrow as pa
 import torch
 
 from pipeline import faults
+from pipeline.checkpoints import Checkpoint
 from pipeline.failures import RowFailure, describe
 from pipeline.glimpse.engine import GlimpseEngine, Request, Result
 from pipeline.glimpse.prompts import PreparedPrompt
 from pipeline.glimpse.sampling import SamplingParams
+from pipeline.metrics import JobMetrics
 from pipeline.progress import batch_counts
-from schemas import RESULT_SCHEMA, align
+from pipeline.storage import StorageOptions
+from schemas import CARRIED_COLUMNS, RESULT_SCHEMA, align
 
 log = logging.getLogger(__name__)
 
@@ -26,14 +30,13 @@ class Answerer:
 
     def __init__(
         self,
-        model: str,
-        glimpse: str | None,
+        model: Checkpoint,
+        glimpse: Checkpoint | None,
+        storage: StorageOptions,
         prune: bool,
         dtype: str,
-        attn: str,
-        selection: dict,
-        min_pixels: int | None = None,
-        max_pixels: int | None = None,
+        attn: str = "sdpa",
+        selection: dict | None = None,
         control_fraction: float = 0.0,
         progress=None,
         prefill_rows: int | None = None,
@@ -42,20 +45,21 @@ class Answerer:
     ) -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.engine = GlimpseEngine.from_pretrained(
-            model,
-            glimpse,
+            model.local_dir(storage),
+            glimpse.local_dir(storage) if glimpse is not None else None,
             dtype=dtype,
             device=device,
             attn_implementation=attn,
-            min_pixels=min_pixels,
-            max_pixels=max_pixels,
         )
         if self.engine.can_prune:
-            self.engine.selection = self.engine.selection.overridden(**selection)
+            self.engine.selection = self.engine.selection.overridden(**(selection or {}))
         self.prune = prune and self.engine.can_prune
-        self.model_name, self.glimpse_name = model, glimpse if self.prune else None
+        self.model_name = model.location
+        self.glimpse_name = glimpse.location if self.prune else None
         self.control_fraction = control_fraction if self.prune else 0.0
         self.progress = progress
+        self.metrics = JobMetrics()
+        self.actor = uuid.uuid4().hex  # this actor, to the progress counter
         self.ignore_eos = ignore_eos
         self.batching = dict(prefill_rows=prefill_rows, cache_budget_bytes=cache_budget_bytes(kv_cache_gib, device))
         self.engine_s = 0.0  # wall seconds inside the engine during the current call
@@ -74,8 +78,10 @@ class Answerer:
         if control:
             self._add_control(control, {row["id"]: row for row in out})
         table = align(out, RESULT_SCHEMA)
+        counts = batch_counts(out)
+        self.metrics.record(counts, self.engine_s)
         if self.progress is not None:
-            self.progress.add.remote(batch_counts(out), started, time.time(), self.engine_s)
+            self.progress.add.remote(counts, started, time.time(), self.engine_s, self.actor)
         return table
 
     def _check_answer_fits(self, row: dict) -> None:
@@ -139,7 +145,7 @@ class Answerer:
             )
 
     def _output(self, row: dict, result: Result | Exception | None) -> dict:
-        out = {k: row[k] for k in ("id", "images", "question", "error_code", "error")}
+        out = {k: row[k] for k in CARRIED_COLUMNS}
         out.update(model=self.model_name, glimpse_modules=self.glimpse_name, pruned=self.prune)
         if isinstance(result, Exception):
             out["error_code"], out["error"] = describe(result)

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from pipeline import faults
 from pipeline.fingerprint import differences
 from pipeline.lease import LEASE_FILE, LocalLease, ObjectLease
+from pipeline.lineage import file_schema
 from pipeline.storage import StorageOptions, filesystem_for, protocol_of, pyarrow_filesystem
 from pipeline.summary import SUMMARY_FILE
 from schemas import RESULT_SCHEMA
@@ -159,8 +160,16 @@ class OutputDir:
         self.fs.pipe_file(f"{self.path}/{PENDING}/{run_id}/{STARTED_FILE}", b"")
         return done
 
-    def pending_uri(self, run_id: str) -> str:
-        return f"{self.uri}/{PENDING}/{run_id}"
+    @property
+    def absolute_uri(self) -> str:
+        """The location as a full URI: file:///… for a local directory, s3://… for a prefix."""
+        return self.fs.unstrip_protocol(self.path)
+
+    def write_pending(self, dataset, run_id: str, lineage: dict) -> None:
+        """Runs `dataset` to the end, its result rows written as Parquet files under this run's
+        pending folder, each file's metadata holding the lineage and the file's write time."""
+        fs, path = pyarrow_filesystem(f"{self.uri}/{PENDING}/{run_id}", self.storage)
+        dataset.write_parquet(path, filesystem=fs, arrow_parquet_args_fn=lambda: {"schema": file_schema(lineage)})
 
     def publish(self) -> None:
         """Moves every run's finished files into place, one atomic rename (or S3 copy) each. The

@@ -12,19 +12,22 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pipeline.checkpoints import Checkpoint
 from pipeline.failures import RowFailure, describe
 from pipeline.storage import StorageOptions, read_bytes
 from schemas import PREPARED_SCHEMA, align
 
 
 @functools.lru_cache(maxsize=4)
-def prompt_builder(model: str, min_pixels: int | None, max_pixels: int | None):
-    """Loaded once per worker process; Ray reuses workers across tasks."""
+def prompt_builder(model: Checkpoint, storage: StorageOptions, min_pixels: int | None, max_pixels: int | None):
+    """Loaded once per worker process (Ray reuses workers across tasks), the checkpoint fetched
+    once per node."""
     from transformers import AutoConfig
 
     from pipeline.glimpse.prompts import PromptBuilder
 
-    return PromptBuilder.from_pretrained(model, AutoConfig.from_pretrained(model), min_pixels, max_pixels)
+    directory = model.local_dir(storage)
+    return PromptBuilder.from_pretrained(directory, AutoConfig.from_pretrained(directory), min_pixels, max_pixels)
 
 
 def decode_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
@@ -62,7 +65,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
 def prepare_batch(
     batch: pa.Table,
     *,
-    model: str,
+    model: Checkpoint,
     prompt: str,
     max_new_tokens: int,
     storage: StorageOptions,
@@ -75,7 +78,7 @@ def prepare_batch(
 ) -> pa.Table:
     """`map_batches` function (tasks, not actors, so it shares CPUs with reads and writes):
     manifest rows → PREPARED_SCHEMA rows, pixel values in `pixel_dtype` (the model's)."""
-    builder = prompt_builder(model, min_pixels, max_pixels)
+    builder = prompt_builder(model, storage, min_pixels, max_pixels)
     out = []
     for row in batch.to_pylist():
         row["question"] = prompt if row.get("question") is None else row["question"]

@@ -29,21 +29,23 @@ def batch_counts(rows: list[dict]) -> dict[str, int]:
 @ray.remote(num_cpus=0)
 class ProgressCounter:
     """Totals of the batches answered so far, and how busy the engines were: the seconds spent
-    inside them over `actors` × the span from the first batch's start to the last one's end."""
+    inside them over the sum, over actors, of each one's span from its first batch's start to its
+    last one's end (an autoscaling pool's actors come and go)."""
 
-    def __init__(self, actors: int = 1) -> None:
+    def __init__(self) -> None:
         self.totals = {"rows": 0, "failed": 0, "visual_tokens": 0, "visual_kept": 0}
-        self.actors, self.engine_s, self.first, self.last = actors, 0.0, None, None
+        self.engine_s = 0.0
+        self.spans: dict[str, tuple[float, float]] = {}  # actor → (first start, last end)
 
-    def add(self, counts: dict[str, int], started: float, ended: float, engine_s: float) -> None:
+    def add(self, counts: dict[str, int], started: float, ended: float, engine_s: float, actor: str = "") -> None:
         for key, value in counts.items():
             self.totals[key] += value
         self.engine_s += engine_s
-        self.first = started if self.first is None else min(self.first, started)
-        self.last = ended if self.last is None else max(self.last, ended)
+        first, last = self.spans.get(actor, (started, ended))
+        self.spans[actor] = (min(first, started), max(last, ended))
 
     def snapshot(self) -> dict:
-        span = (self.last - self.first) * self.actors if self.first is not None else 0.0
+        span = sum(last - first for first, last in self.spans.values())
         return {**self.totals, "engine_busy": min(self.engine_s / span, 1.0) if span > 0 else None}
 
 

@@ -18,7 +18,7 @@ from pipeline.summary import Summary  # noqa: E402
 
 def render(table: pa.Table, summary: Summary) -> str:
     """The report page: the summary table, then one figure per question a reader asks.
-    `table`: result rows, at least pipeline.summary.COLUMNS."""
+    `table`: result rows, at least schemas.SUMMARY_COLUMNS."""
     ok = table.filter(pc.is_null(table.column("error"))).to_pydict()
     figures = [
         ("How much of each image is kept", _keep_ratio_histogram(ok)),

@@ -17,6 +17,11 @@ from pipeline.config import SAMPLES_DIR, JobConfig
 from pipeline.storage import StorageOptions, filesystem_for, object_version, pyarrow_filesystem
 from schemas import MANIFEST_SCHEMA, align
 
+
+class ManifestError(ValueError):
+    """The input cannot be run as given: unreadable, empty, rows without an id, ids that repeat."""
+
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
@@ -35,19 +40,16 @@ MAX_NEW_TOKENS_LIMIT = 2**31 - 1  # int32 in the schemas; the model's own limit 
 def read_manifest(config: JobConfig):
     import ray.data
 
-    uri = config.manifest
-    fs, path = pyarrow_filesystem(uri, config.storage)
-    suffix = PurePosixPath(path).suffix.lower()
+    fs, path = pyarrow_filesystem(config.manifest, config.storage)
+    suffix = manifest_format(config.manifest)
     if suffix == ".parquet":
         rows, normalize = ray.data.read_parquet(path, filesystem=fs), normalize_manifest
     elif suffix in (".jsonl", ".json"):
         # Parsed here, line by line, not by pyarrow's JSON reader: it infers types (an id 7 cannot
         # be read as a string) and one line of another shape fails the whole file.
         rows, normalize = ray.data.read_text(path, filesystem=fs), parse_json_lines
-    elif suffix == ".csv":
-        rows, normalize = ray.data.read_csv(path, filesystem=fs, convert_options=csv_as_text()), normalize_manifest
     else:
-        raise ValueError(f"manifest {uri}: unknown format {suffix!r}; expected .parquet, .jsonl, .json or .csv")
+        rows, normalize = ray.data.read_csv(path, filesystem=fs, convert_options=csv_as_text()), normalize_manifest
     # Blocks of `rows_per_block` rows are the unit of streaming, retries and output files;
     # a single big manifest file would otherwise be one block, answered and written in one piece.
     return rows.repartition(target_num_rows_per_block=config.rows_per_block).map_batches(
@@ -159,10 +161,6 @@ def _kind(value) -> str:
     return f"{kind} {str(value)!r}"[:80]
 
 
-class ManifestError(ValueError):
-    """The input cannot be run as given: rows without an id, or ids that repeat."""
-
-
 def check_ids(config: JobConfig, shown: int = 10) -> set[str] | None:
     """Before any GPU work: every row has an id and no id repeats. Reads the ids only (the
     manifest's id column, or the dataset's) and returns them; None for the inputs that make
@@ -208,32 +206,63 @@ def check_ids(config: JobConfig, shown: int = 10) -> set[str] | None:
 
 
 def manifest_ids(config: JobConfig) -> list[tuple[str, list[str], str | None]]:
-    """(id, images, error) of every manifest row. A manifest that cannot be parsed at all (a CSV
-    row with too many cells, bytes that are not UTF-8, a missing file) is a ManifestError."""
-    columns = ["id", "images", "error"]
+    """(id, images, error) of every manifest row, read on the driver without Ray (so a bad
+    manifest is reported before a cluster is started). A manifest that cannot be parsed at all
+    (a CSV row with too many cells, bytes that are not UTF-8, a missing file) is a ManifestError."""
     try:
-        batches = read_manifest(config).select_columns(columns).iter_batches(batch_format="pyarrow")
-        return [row for b in batches for row in zip(*(b.column(c).to_pylist() for c in columns))]
+        table = manifest_table(config.manifest, config.storage)
+    except ManifestError:
+        raise
     except Exception as e:
-        problem = manifest_problem(config, e)
+        text = str(e).strip()
+        problem = f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
         raise ManifestError(f"cannot read the manifest {config.manifest}: {problem}; nothing was run") from None
+    if not table.num_rows:
+        raise ManifestError(f"the manifest {config.manifest} has no rows; nothing was run")
+    return list(zip(*(table.column(c).to_pylist() for c in ("id", "images", "error"))))
 
 
-def manifest_problem(config: JobConfig, error: Exception) -> str:
-    """What is wrong with a manifest that could not be read, in one line. Ray's message for a CSV
-    hides the parser's (which row has too many cells), so a CSV is parsed again here to get it."""
-    import pyarrow.csv
+def manifest_table(uri: str, storage: StorageOptions) -> pa.Table:
+    """The whole manifest (a file, or a folder of files of one format) as MANIFEST_SCHEMA rows,
+    read with pyarrow alone, as the job's Ray reader reads it."""
+    import pyarrow.dataset
 
-    cause = getattr(error, "cause", None) or error  # the reader's error inside Ray's wrapper
-    if config.manifest.lower().endswith(".csv") and not isinstance(cause, OSError):
-        try:
-            fs, path = filesystem_for(config.manifest, config.storage)
-            with fs.open(path, "rb") as f:
-                pyarrow.csv.read_csv(f, convert_options=csv_as_text())
-        except Exception as parse_error:
-            cause = parse_error
-    text = str(cause).strip()
-    return f"{type(cause).__name__}: {text.splitlines()[0]}" if text else type(cause).__name__
+    fs, path = pyarrow_filesystem(uri, storage)
+    suffix = manifest_format(uri)
+    if suffix in (".jsonl", ".json"):
+        lines = []
+        for name in _files(fs, path):
+            with fs.open_input_stream(name) as f:
+                lines += [line for line in f.read().decode("utf-8").splitlines() if line.strip()]
+        return parse_json_lines(pa.table({"text": pa.array(lines, pa.string())}))
+    if suffix == ".csv":
+        form = pyarrow.dataset.CsvFileFormat(convert_options=csv_as_text())
+    else:
+        form = pyarrow.dataset.ParquetFileFormat()
+    data = pyarrow.dataset.dataset(path, filesystem=fs, format=form)
+    columns = [name for name in TEXT_COLUMNS if name in data.schema.names]
+    return normalize_manifest(data.to_table(columns=columns))
+
+
+def _files(fs, path: str) -> list[str]:
+    """The file at `path`, or the files under it (a partitioned manifest), sorted."""
+    import pyarrow.fs
+
+    info = fs.get_file_info(path)
+    if info.type == pyarrow.fs.FileType.NotFound:
+        raise FileNotFoundError(f"no such file or prefix: {path}")
+    if info.type != pyarrow.fs.FileType.Directory:
+        return [path]
+    found = fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True))
+    return sorted(f.path for f in found if f.type == pyarrow.fs.FileType.File)
+
+
+def manifest_format(uri: str) -> str:
+    """The manifest's suffix: .parquet, .jsonl, .json or .csv; anything else is a ManifestError."""
+    suffix = PurePosixPath(uri.rstrip("/")).suffix.lower()
+    if suffix not in (".parquet", ".jsonl", ".json", ".csv"):
+        raise ManifestError(f"manifest {uri}: unknown format {suffix!r}; expected .parquet, .jsonl, .json or .csv")
+    return suffix
 
 
 def csv_as_text():

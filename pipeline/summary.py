@@ -14,27 +14,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 SUMMARY_FILE = "_summary.json"
-COLUMNS = [
-    "error",
-    "error_code",
-    "pruned",
-    "answer",
-    "n_visual_tokens",
-    "n_visual_kept",
-    "n_prompt_tokens",
-    "n_prompt_tokens_kept",
-    "n_generated_tokens",
-    "engine_s",
-    "prefill_flops",
-    "prefill_flops_unpruned",
-    "decode_flops",
-    "decode_flops_unpruned",
-    "kv_cache_bytes",
-    "kv_cache_bytes_unpruned",
-    "control_pruned_engine_s",
-    "control_unpruned_engine_s",
-    "control_unpruned_answer",
-]
 
 
 @dataclass
@@ -128,7 +107,7 @@ def summarize(
     gpu_hourly_usd: float | None = None,
     engine_busy_fraction: float | None = None,
 ) -> Summary:
-    """Totals over result rows (RESULT_SCHEMA, at least COLUMNS). The engines' busy fraction is
+    """Totals over result rows (RESULT_SCHEMA, at least SUMMARY_COLUMNS). The engines' busy fraction is
     measured while the job runs (not in the rows); None when not known."""
     ok = table.filter(pc.is_null(table.column("error")))
 

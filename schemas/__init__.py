@@ -8,7 +8,8 @@ Manifest (what a job reads; `image` or `images` names the inputs):
     image_bytes     list<binary>, nullable  inline image bytes (the `datasets` input); `images` then only names them
     error_code, error  string, nullable  set by the reader when the row itself is malformed (invalid_row)
 
-Result (one row per manifest row, schema version in the file metadata under `glimpse_batch.schema`):
+Result (one row per manifest row; in each file's metadata the schema version under
+`glimpse_batch.schema` and the job's lineage under `glimpse_batch.lineage`, see pipeline.lineage):
     id, images, question      as in the manifest (question as asked, after defaulting)
     answer                    string, null when the row failed
     error_code                string, null when the row succeeded: a code of pipeline.failures.ERROR_CODES
@@ -21,7 +22,8 @@ Result (one row per manifest row, schema version in the file metadata under `gli
     n_prompt_tokens_kept      prompt tokens after pruning
     n_generated_tokens        new tokens
     finish_reason             "stop" | "length", null when the row failed
-    prefill_s, decode_s       seconds of the batch the row ran in (decode until the row finished)
+    batch_prefill_s, batch_decode_s  seconds of the whole batch the row ran in (decode until the row
+                              finished); shared by the batch's rows, so never sum them: sum engine_s
     engine_s                  this row's share of its batch's engine (GPU) seconds
     prefill_flops, decode_flops                  FLOPs as run (analytic, pipeline.glimpse.accounting)
     prefill_flops_unpruned, decode_flops_unpruned  the same request without pruning
@@ -35,8 +37,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"  # 3: prefill_s, decode_s renamed batch_prefill_s, batch_decode_s
 SCHEMA_METADATA_KEY = b"glimpse_batch.schema"
+LINEAGE_METADATA_KEY = b"glimpse_batch.lineage"  # JSON: pipeline.lineage
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -78,8 +81,8 @@ RESULT_SCHEMA = pa.schema(
         pa.field("n_prompt_tokens_kept", pa.int32()),
         pa.field("n_generated_tokens", pa.int32()),
         pa.field("finish_reason", pa.string()),
-        pa.field("prefill_s", pa.float64()),
-        pa.field("decode_s", pa.float64()),
+        pa.field("batch_prefill_s", pa.float64()),
+        pa.field("batch_decode_s", pa.float64()),
         pa.field("engine_s", pa.float64()),
         pa.field("prefill_flops", pa.float64()),
         pa.field("prefill_flops_unpruned", pa.float64()),
@@ -94,6 +97,32 @@ RESULT_SCHEMA = pa.schema(
     ],
     metadata={SCHEMA_METADATA_KEY: SCHEMA_VERSION.encode()},
 )
+
+
+# The result columns a job's totals are computed from (pipeline.summary).
+SUMMARY_COLUMNS = [
+    "error",
+    "error_code",
+    "pruned",
+    "answer",
+    "n_visual_tokens",
+    "n_visual_kept",
+    "n_prompt_tokens",
+    "n_prompt_tokens_kept",
+    "n_generated_tokens",
+    "engine_s",
+    "prefill_flops",
+    "prefill_flops_unpruned",
+    "decode_flops",
+    "decode_flops_unpruned",
+    "kv_cache_bytes",
+    "kv_cache_bytes_unpruned",
+    "control_pruned_engine_s",
+    "control_unpruned_engine_s",
+    "control_unpruned_answer",
+]
+# Result columns carried over from the prepared row as they are.
+CARRIED_COLUMNS = ["id", "images", "question", "error_code", "error"]
 
 
 def align(rows: list[dict] | pa.Table, schema: pa.Schema) -> pa.Table:

@@ -60,7 +60,7 @@ def fixture_engine():
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A tiny checkpoint built by our helper, unlike the fixture: 3 layers, 1 KV head, another seed."""
-    from pipeline.glimpse.tiny import TinySpec, write_tiny_checkpoint
+    from pipeline.synthetic.tiny import TinySpec, write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), TinySpec(layers=3, kv_heads=1, seed=7))
 
@@ -90,9 +90,18 @@ def new_bucket(fs) -> str:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for every test that needs it (starting Ray takes seconds)."""
+    """One local Ray for every test that needs it (starting Ray takes seconds); yields the port
+    its metrics are exported on, in Prometheus' text format."""
+    import socket
+
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        metrics_port = s.getsockname()[1]
+    # A Ray of the tests' own (address="local"), never a cluster someone started on this machine.
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port
+    )
+    yield metrics_port
     ray.shutdown()

@@ -10,9 +10,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.roofline import TEMPLATE_TOKENS, VISUAL
-from pipeline.glimpse.accounting import H100_SXM, CostModel, RequestShape, Roofliner, share_seconds
+from pipeline.glimpse.accounting import CostModel, share_seconds
 from pipeline.glimpse.engine import GlimpseEngine
-from pipeline.glimpse.presets import PRESETS, cost_model
+from pipeline.glimpse.roofline import H100_SXM, RequestShape, Roofliner
+from pipeline.synthetic.presets import PRESETS, cost_model
 from tests.conftest import FIXTURE, fixture_requests
 from tests.test_engine import mixed_requests
 
@@ -77,7 +78,7 @@ def test_batch_engine_seconds_are_shared_out(fixture_engine):
     for request, length in zip(requests, [2, 8, 5, 8, 1]):
         request.sampling = replace(request.sampling, max_new_tokens=length)
     results = fixture_engine.generate(requests, batch_size=len(requests))
-    batch_seconds = results[0].prefill_s + max(r.decode_s for r in results)
+    batch_seconds = results[0].batch_prefill_s + max(r.batch_decode_s for r in results)
     assert sum(r.engine_s for r in results) == pytest.approx(batch_seconds)
     assert all(r.engine_s > 0 for r in results)
 
@@ -88,7 +89,7 @@ def test_share_seconds_splits_decode_among_running_rows():
 
 
 def test_parameter_count_equals_the_models(tiny_checkpoint):
-    from pipeline.glimpse.tiny import TinySpec, build_model
+    from pipeline.synthetic.tiny import TinySpec, build_model
 
     for spec in (TinySpec(), TinySpec(tie_word_embeddings=True, kv_heads=1)):
         model = build_model(spec, 400)

@@ -5,10 +5,17 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 import pyarrow.parquet as pq
 import pytest
 
@@ -21,32 +28,89 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def local_cluster(tmp_path):
-    """A one-node cluster on loopback (token auth off: nothing outside this machine can reach it)."""
+@contextmanager
+def own_cluster():
+    """A one-node cluster of this test's own: its own ports and temp directory, on loopback (token
+    auth off: nothing outside this machine can reach it). `ray start --block` runs it in the
+    foreground; terminating that one process stops this cluster's processes and no one else's
+    (`ray stop` would stop every Ray on the machine, a user's own included)."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    temp_dir = tempfile.mkdtemp(prefix="ray-test-", dir="/tmp")  # short: Ray's socket paths must fit
     dashboard = free_port()
-    subprocess.run(
+    head = subprocess.Popen(
         [
             "ray",
             "start",
             "--head",
+            "--block",
             "--num-cpus=2",
             f"--port={free_port()}",
             f"--dashboard-port={dashboard}",
             "--dashboard-host=127.0.0.1",
             "--include-dashboard=true",
             "--disable-usage-stats",
+            f"--temp-dir={temp_dir}",
         ],
         env=env,
-        check=True,
-        capture_output=True,
-        timeout=120,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
+    address = f"http://127.0.0.1:{dashboard}"
     try:
-        yield f"http://127.0.0.1:{dashboard}", env
+        wait_for(f"{address}/api/version", head)
+        yield address, env
     finally:
-        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+        head.terminate()
+        head.wait(timeout=60)
+        left = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
+        for process in left:  # the cluster's own stragglers only: they name its temp directory
+            process.kill()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def local_cluster():
+    with own_cluster() as cluster:
+        yield cluster
+
+
+def wait_for(url: str, head: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if head.poll() is not None:
+            raise RuntimeError(f"ray start exited with {head.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"the test cluster's dashboard did not answer at {url}")
+
+
+def drivers(address: str) -> list[str]:
+    """The ids of the jobs (drivers) that have connected to the cluster."""
+    from ray.util.state import list_jobs
+
+    return [job.job_id for job in list_jobs(address=address, raise_on_missing_output=False)]
+
+
+def test_a_job_without_an_address_starts_its_own_ray_and_stopping_a_cluster_spares_the_others(local_cluster, tmp_path):
+    address, env = local_cluster
+    before = drivers(address)
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.vqa", "--output", str(tmp_path / "out"), "--max-new-tokens", "2"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert drivers(address) == before, "the job joined a cluster it was not given"
+    with own_cluster() as (other, _):
+        assert other != address
+    urllib.request.urlopen(f"{address}/api/version", timeout=5)  # still up after the other one stopped
 
 
 def test_ray_job_submit_runs_the_demo_job(local_cluster, tmp_path):

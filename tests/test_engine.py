@@ -131,7 +131,7 @@ def test_end_of_sequence_stops_a_row_while_others_go_on(fixture_engine):
         fixture_engine.eos_token_ids = saved
     assert (r1.new_tokens, r1.finish_reason) == ([90], "stop")
     assert (r2.new_tokens, r2.finish_reason) == ([227, 146, 90], "stop")
-    assert r1.decode_s <= r2.decode_s
+    assert r1.batch_decode_s <= r2.batch_decode_s
 
 
 def test_ignore_eos_generates_exactly_max_new_tokens(fixture_engine):

@@ -200,10 +200,12 @@ def test_preparation_runs_in_its_own_tasks_not_inside_the_answering_actors(ray_s
     """Ray Data fuses stages that reserve the same resources; fused, the actor would prepare every
     image itself between engine calls. The optimized physical plan must keep the two apart."""
     from pipeline.job import build_dataset
+    from pipeline.plan import cluster_gpus, locate, make_plan
+    from pipeline.sources import read_source
 
     write_fixture_manifest(tmp_path / "m.parquet", 1)
     config = JobConfig(manifest=str(tmp_path / "m.parquet"), output=str(tmp_path / "out"), **MODEL)
-    build_dataset(config).explain()
+    build_dataset(make_plan(config, *locate(config), cluster_gpus()), read_source(config)).explain()
     optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
     answer_stage = next(line for line in optimized.splitlines() if "Answerer" in line)
     assert "ActorPoolMapOperator[MapBatches(Answerer)]" in answer_stage
@@ -211,10 +213,15 @@ def test_preparation_runs_in_its_own_tasks_not_inside_the_answering_actors(ray_s
 
 
 def test_answer_stage_reservations_keep_preparation_apart(caplog):
-    from pipeline.job import answer_resources
+    from pipeline.plan import locate, make_plan
+    from pipeline.stages import AnswerStage
 
-    assert answer_resources(1.0, 1.0) == dict(num_gpus=1.0, num_cpus=0)
-    assert answer_resources(0.0, 0.5) == dict(num_gpus=0, num_cpus=1)
+    def answer_stage(cluster_gpus: float, prepare_cpus: float) -> AnswerStage:
+        config = JobConfig(prepare_cpus=prepare_cpus, **MODEL)
+        return AnswerStage.from_plan(make_plan(config, *locate(config), cluster_gpus))
+
+    assert (answer_stage(1, 1.0).num_gpus, answer_stage(1, 1.0).num_cpus) == (1.0, 0)
+    assert (answer_stage(0, 0.5).num_gpus, answer_stage(0, 0.5).num_cpus) == (0, 1)
     assert not caplog.records
-    answer_resources(0.0, 1.0)
+    answer_stage(0, 1.0)
     assert "prepare_cpus=1" in caplog.text

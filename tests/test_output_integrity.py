@@ -384,13 +384,14 @@ def test_csv_cells_are_lists_only_when_valid_json_lists_and_parquet_rows_mix_ima
     assert [r["error_code"] for r in pq.read_table(tmp_path / "typed").to_pylist()] == ["invalid_row"] * 2
 
 
-def test_an_empty_manifest_gives_an_empty_output_and_summary(ray_session, tmp_path):
+def test_an_empty_manifest_is_refused_before_any_work(tmp_path):
+    """An empty input is a mistake (a wrong path or an unfinished export), not a job to run."""
     pq.write_table(
         pa.table({"id": pa.array([], pa.string()), "image": pa.array([], pa.string())}), tmp_path / "m.parquet"
     )
-    summary = run(JobConfig(manifest=str(tmp_path / "m.parquet"), output=str(tmp_path / "out"), **MODEL))
-    assert summary.rows == 0
-    assert json.loads((tmp_path / "out" / SUMMARY_FILE).read_text())["rows"] == 0
+    with pytest.raises(ManifestError, match="has no rows"):
+        run(JobConfig(manifest=str(tmp_path / "m.parquet"), output=str(tmp_path / "out"), **MODEL))
+    assert not (tmp_path / "out").exists()
 
 
 # Questions are text --------------------------------------------------------------------------------

@@ -14,7 +14,9 @@ from pathlib import Path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m pipeline.glimpse", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.glimpse", description=__doc__.split("\n")[0], allow_abbrev=False
+    )
     p.add_argument("--model", required=True, help="Qwen2.5-VL checkpoint: hub id or local directory")
     p.add_argument("--glimpse", help="directory of GlimpsePrune modules (config.json + new_modules_gp.pt)")
     p.add_argument("--requests", required=True, type=Path, help="cases.json")

@@ -8,9 +8,9 @@ the method needs into typed attributes.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 from pipeline.glimpse.errors import GlimpseConfigError
 
@@ -19,39 +19,57 @@ MODULES_FILE = "new_modules_gp.pt"
 
 SUPPORTED_FUSER = "AttnFuserV1"
 
+# Where a model-config field is published: "text" (`text_config`, falling back to the top level)
+# or "vision" (`vision_config`), and under which key.
+_MODEL_CONFIG = "model_config"
+
+
+def _from_model(section: str, key: str, default: Any) -> Any:
+    return field(default=default, metadata={_MODEL_CONFIG: (section, key)})
+
+
+def _zero_if_null(value: Any) -> int:
+    return int(value or 0)
+
+
+# Conversions by field type; values of other types are kept as loaded.
+_CONVERTERS = {int: int, float: float, bool: bool, list[int]: list}
+
 
 @dataclass
 class GlimpseConfig:
-    """What GlimpsePrune computes with; field names follow the published config."""
+    """What GlimpsePrune computes with; field names follow the published config.
+
+    Fields without a default must be in the published config."""
 
     selected_layers: list[int]
     reduce_layer: int
     le_layers: list[int]
     selected_visual_layers: list[int]
+    attn_fuse_size: int
+    visual_cond_size: int
+    attn_fuse_num_heads: int
     le_length: int = 1
     le_norm_type: str = "rmsnorm"
     use_attention_logits: bool = True
     attn_fuse_type: str = SUPPORTED_FUSER
-    attn_fuse_size: int = 256
-    visual_cond_size: int = 512
-    attn_fuse_num_heads: int = 4
     attn_fuse_hidden_act: str = "silu"
     attn_fuse_global: bool = True
     deep_supervision: bool = False
     reduce_threshold: float = 0.5
-    min_remain_num: int = 1
+    min_remain_num: int = field(default=0, metadata={"convert": _zero_if_null})  # null: no minimum
     max_remain_ratio: float | None = None
     # The model-config fields the modules were built for (hidden size, heads, vision tower):
-    # checked against the base model at load time.
-    hidden_size: int = 0
-    num_hidden_layers: int = 0
-    num_attention_heads: int = 0
-    rms_norm_eps: float = 1e-6
-    vision_hidden_size: int = 0
-    vision_depth: int = 0
-    spatial_merge_size: int = 2
-    vision_window_size: int = 112
-    vision_patch_size: int = 14
+    # checked against the base model at load time, and not written back by `to_dict`.
+    hidden_size: int = _from_model("text", "hidden_size", 0)
+    num_hidden_layers: int = _from_model("text", "num_hidden_layers", 0)
+    num_attention_heads: int = _from_model("text", "num_attention_heads", 0)
+    rms_norm_eps: float = _from_model("text", "rms_norm_eps", 1e-6)
+    vision_hidden_size: int = _from_model("vision", "hidden_size", 0)
+    vision_depth: int = _from_model("vision", "depth", 0)
+    spatial_merge_size: int = _from_model("vision", "spatial_merge_size", 2)
+    vision_window_size: int = _from_model("vision", "window_size", 112)
+    vision_patch_size: int = _from_model("vision", "patch_size", 14)
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -82,38 +100,21 @@ class GlimpseConfig:
         """Reads the published layout: GlimpsePrune fields at top level next to the model config."""
         text = raw.get("text_config") or raw
         vision = raw.get("vision_config") or {}
-        try:
-            return cls(
-                selected_layers=list(raw["selected_layers"]),
-                reduce_layer=int(raw["reduce_layer"]),
-                le_layers=list(raw["le_layers"]),
-                selected_visual_layers=list(raw["selected_visual_layers"]),
-                le_length=int(raw.get("le_length", 1)),
-                le_norm_type=raw.get("le_norm_type", "rmsnorm"),
-                use_attention_logits=bool(raw.get("use_attention_logits", True)),
-                attn_fuse_type=raw.get("attn_fuse_type", SUPPORTED_FUSER),
-                attn_fuse_size=int(raw["attn_fuse_size"]),
-                visual_cond_size=int(raw["visual_cond_size"]),
-                attn_fuse_num_heads=int(raw["attn_fuse_num_heads"]),
-                attn_fuse_hidden_act=raw.get("attn_fuse_hidden_act", "silu"),
-                attn_fuse_global=bool(raw.get("attn_fuse_global", True)),
-                deep_supervision=bool(raw.get("deep_supervision", False)),
-                reduce_threshold=float(raw.get("reduce_threshold", 0.5)),
-                min_remain_num=int(raw.get("min_remain_num") or 0),
-                max_remain_ratio=raw.get("max_remain_ratio"),
-                hidden_size=int(text.get("hidden_size", raw.get("hidden_size", 0))),
-                num_hidden_layers=int(text.get("num_hidden_layers", raw.get("num_hidden_layers", 0))),
-                num_attention_heads=int(text.get("num_attention_heads", raw.get("num_attention_heads", 0))),
-                rms_norm_eps=float(text.get("rms_norm_eps", raw.get("rms_norm_eps", 1e-6))),
-                vision_hidden_size=int(vision.get("hidden_size", 0)),
-                vision_depth=int(vision.get("depth", 0)),
-                spatial_merge_size=int(vision.get("spatial_merge_size", 2)),
-                vision_window_size=int(vision.get("window_size", 112)),
-                vision_patch_size=int(vision.get("patch_size", 14)),
-                raw=dict(raw),
-            )
-        except KeyError as e:
-            raise GlimpseConfigError(f"glimpse config is missing the field {e.args[0]!r}") from e
+        types = get_type_hints(cls)
+        values = {}
+        for f in fields(cls):
+            if f.name == "raw":
+                continue
+            if _MODEL_CONFIG in f.metadata:
+                section, key = f.metadata[_MODEL_CONFIG]
+                value = text.get(key, raw.get(key, f.default)) if section == "text" else vision.get(key, f.default)
+            elif f.default is MISSING and f.name not in raw:
+                raise GlimpseConfigError(f"glimpse config is missing the field {f.name!r}")
+            else:
+                value = raw.get(f.name, f.default)
+            convert = f.metadata.get("convert") or _CONVERTERS.get(types[f.name])
+            values[f.name] = convert(value) if convert else value
+        return cls(**values, raw=dict(raw))
 
     @classmethod
     def load(cls, directory: str | Path) -> GlimpseConfig:
@@ -129,26 +130,9 @@ class GlimpseConfig:
     def to_dict(self) -> dict[str, Any]:
         """The published layout: the raw dict with the GlimpsePrune fields as they are now."""
         out = dict(self.raw)
-        for name in (
-            "selected_layers",
-            "reduce_layer",
-            "le_layers",
-            "selected_visual_layers",
-            "le_length",
-            "le_norm_type",
-            "use_attention_logits",
-            "attn_fuse_type",
-            "attn_fuse_size",
-            "visual_cond_size",
-            "attn_fuse_num_heads",
-            "attn_fuse_hidden_act",
-            "attn_fuse_global",
-            "deep_supervision",
-            "reduce_threshold",
-            "min_remain_num",
-            "max_remain_ratio",
-        ):
-            out[name] = getattr(self, name)
+        for f in fields(self):
+            if f.name != "raw" and _MODEL_CONFIG not in f.metadata:
+                out[f.name] = getattr(self, f.name)
         out.setdefault("le_dropout_prob", 0.0)
         out.setdefault("anchor_positions", [])
         return out

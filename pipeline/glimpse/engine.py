@@ -39,8 +39,9 @@ class Request:
 
 @dataclass
 class Result:
-    """What a request got, and what it cost. prefill_s and decode_s are the batch's (decode until
-    this request finished); engine_s is this request's share of the batch's engine seconds."""
+    """What a request got, and what it cost. batch_prefill_s and batch_decode_s are the batch's
+    (decode until this request finished), not this request's: summing them over requests counts a
+    batch many times. engine_s is this request's share of the batch's engine seconds."""
 
     id: str
     answer: str
@@ -52,8 +53,8 @@ class Result:
     n_prompt_tokens: int
     n_prompt_tokens_kept: int
     n_generated_tokens: int
-    prefill_s: float
-    decode_s: float
+    batch_prefill_s: float
+    batch_decode_s: float
     engine_s: float
     cost: RowCost
     kept_mask: list[int] | None = None
@@ -237,8 +238,8 @@ class GlimpseEngine:
                 n_prompt_tokens=n_prompt,
                 n_prompt_tokens_kept=n_prompt_kept,
                 n_generated_tokens=len(new),
-                prefill_s=prefill_s,
-                decode_s=decode_s[slot],
+                batch_prefill_s=prefill_s,
+                batch_decode_s=decode_s[slot],
                 engine_s=engine_s[slot],
                 cost=costs[slot],
                 kept_mask=state.kept[slot].int().tolist() if emit_masks and prune else None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.glimpse.tiny import TinySpec, build_glimpse_modules, build_model
+from pipeline.synthetic.tiny import TinySpec, build_glimpse_modules, build_model
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def build_engine(name: str, *, dtype, device, attn_implementation: str = "sdpa",
 
     from pipeline.glimpse.engine import GlimpseEngine
     from pipeline.glimpse.prompts import PromptBuilder
-    from pipeline.glimpse.tiny import build_image_processor, build_tokenizer
+    from pipeline.synthetic.tiny import build_image_processor, build_tokenizer
 
     preset = PRESETS[name]
     spec, reduce_layer = preset.spec, preset.reduce_layer
@@ -96,7 +96,7 @@ def cost_model(name: str, dtype_bytes: int = 2):
     import torch
 
     from pipeline.glimpse.accounting import CostModel
-    from pipeline.glimpse.tiny import build_config
+    from pipeline.synthetic.tiny import build_config
 
     preset = PRESETS[name]
     config = build_config(preset.spec, TinySpec().vocab_size)

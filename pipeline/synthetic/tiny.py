@@ -3,7 +3,7 @@
 No download is possible where this project is tested, so the tokenizer is trained here on a small
 built-in text, and weights are random but seeded: the text is meaningless, the arithmetic is real.
 
-    python -m pipeline.glimpse.tiny --out DIR [--seed N] [--no-glimpse]
+    python -m pipeline.synthetic.tiny --out DIR [--seed N] [--no-glimpse]
 
 writes DIR/base (the Hugging Face layout) and DIR/glimpse (the published module format).
 """
@@ -258,7 +258,7 @@ def ensure_tiny_checkpoint(out: str | Path, spec: TinySpec = TinySpec()) -> Path
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.glimpse.tiny", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.synthetic.tiny", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="directory to write base/ and glimpse/ into")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--no-glimpse", action="store_true", help="write the base checkpoint only")

@@ -1,0 +1,1 @@
+"""Random-weight checkpoints built locally, for demos, tests and benchmarks."""
