@@ -110,10 +110,10 @@ def job_config(args: argparse.Namespace) -> JobConfig:
     return JobConfig.validated({**given, "storage": storage})
 
 
-def fail(message: str, code: int = 2) -> NoReturn:
-    """A user's mistake: one line on stderr, no traceback."""
+def error(message: str, code: int = 2) -> int:
+    """A problem reported in one line on stderr, no traceback; returns the exit status."""
     print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(code)
+    return code
 
 
 def _kind(annotation) -> dict:

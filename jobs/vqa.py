@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from jobs.cli import JobArgumentParser, add_job_options, fail, job_config
+from jobs.cli import JobArgumentParser, add_job_options, error, job_config
 
 INTERRUPTED = 130
 
@@ -42,28 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from pipeline.job import check
+    from pipeline.output import OutputError
+
     try:
         config = job_config(args)
-        checked = check_job(config)
+        checked = check(config)  # before Ray starts: a mistake costs a second, not a cluster start
+    except (ValueError, OutputError) as e:  # options, config file, input, model, output location
+        return error(str(e))
+    try:
         return run_job(config, checked, args)
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return INTERRUPTED
-    except ValueError as e:  # a mistake in the options or the config file
-        fail(str(e))
-
-
-def check_job(config):
-    """What the driver can check before Ray starts; a problem ends the job with exit status 2."""
-    from pipeline.checkpoints import CheckpointError
-    from pipeline.job import check
-    from pipeline.output import OutputError
-    from pipeline.sources import ManifestError
-
-    try:
-        return check(config)
-    except (OutputError, ManifestError, CheckpointError) as e:
-        fail(str(e))
 
 
 def run_job(config, checked, args: argparse.Namespace) -> int:
@@ -77,17 +68,18 @@ def run_job(config, checked, args: argparse.Namespace) -> int:
     try:
         summary = run(config, overwrite=args.overwrite, take_over_lease=args.take_over_lease, checked=checked)
     except (OutputError, ManifestError, LeaseHeld) as e:
-        fail(str(e))
+        return error(str(e))
     except LeaseLost as e:
-        fail(f"{e}; nothing was published", code=1)
+        return error(f"{e}; nothing was published", 1)
     except TooManyFailures as e:
         print("\n".join(e.summary.lines()))
-        fail(str(e), code=1)
+        return error(str(e), 1)
     except Exception as e:
         if args.verbose:
             raise
         cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        fail(f"the job failed: {cause} (rerun with -v for Ray's output; logs in {logs or 'the Ray session'})", 1)
+        where = logs or "the Ray session's log directory"
+        return error(f"the job failed: {cause} (rerun with -v for Ray's output; logs in {where})", 1)
     print("\n".join(summary.lines()))
     return 0
 

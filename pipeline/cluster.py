@@ -24,6 +24,8 @@ def start_ray(address: str | None = None, verbose: bool = False) -> str:
     import ray
     import ray.data
 
+    if ray.is_initialized():  # the caller's own Ray (a test, a notebook): use it as it is
+        return session_log_dir()
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     ray.init(
         address=address,

@@ -77,7 +77,7 @@ def before_engine(batch_size: int) -> None:
         raise torch.OutOfMemoryError(f"injected: batch of {batch_size} is over {limit}")
 
 
-def runtime_env() -> dict:
-    """Ray remote args that carry the driver's fault plan to workers (empty when there is none)."""
+def env_vars() -> dict:
+    """The environment that carries the driver's fault plan to workers (empty when there is none)."""
     value = os.environ.get(ENV)
-    return {"runtime_env": {"env_vars": {ENV: value}}} if value else {}
+    return {ENV: value} if value else {}

@@ -97,29 +97,37 @@ class Answerer:
 
     def _answer(self, rows: list[dict], prune: bool) -> dict[str, Result | Exception]:
         """Answers the rows together. Out of memory: each half again, down to single rows. Any other
-        failure: each row alone, so that one bad row fails alone."""
+        failure: each row alone, so that one bad row fails alone.
+
+        The retries run after the `except` block, not in it: a caught exception's traceback holds
+        the frames of the failed call, and with them its tensors, so inside the block the memory
+        the failed batch took could not be freed for the halves."""
         requests = [_request(row, self.ignore_eos) for row in rows]
         prompts = [PreparedPrompt.from_columns(row) for row in rows]
         try:
             faults.before_engine(len(rows))
             return {r.id: r for r in self._generate(requests, prompts, prune)}
         except torch.OutOfMemoryError as e:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            if len(rows) == 1:
-                return {rows[0]["id"]: RowFailure("out_of_memory", f"out of memory alone in a batch: {e}")}
-            log.warning("batch of %d ran out of memory; splitting it in two", len(rows))
-            half = len(rows) // 2
-            return {**self._answer(rows[:half], prune), **self._answer(rows[half:], prune)}
+            failure, out_of_memory = str(e), True  # the message only: the exception holds the traceback
         except Exception as e:
             if len(rows) == 1:
                 log.warning("row %s failed: %s", rows[0]["id"], e)
                 return {rows[0]["id"]: e}
-            log.warning("batch of %d failed (%s); answering its rows one by one", len(rows), e)
-            out = {}
-            for row in rows:
-                out.update(self._answer([row], prune))
-            return out
+            failure, out_of_memory = f"{type(e).__name__}: {e}", False
+        del requests, prompts
+        if out_of_memory:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if len(rows) == 1:
+                return {rows[0]["id"]: RowFailure("out_of_memory", f"out of memory alone in a batch: {failure}")}
+            log.warning("batch of %d ran out of memory; splitting it in two", len(rows))
+            half = len(rows) // 2
+            return {**self._answer(rows[:half], prune), **self._answer(rows[half:], prune)}
+        log.warning("batch of %d failed (%s); answering its rows one by one", len(rows), failure)
+        out = {}
+        for row in rows:
+            out.update(self._answer([row], prune))
+        return out
 
     def _generate(self, requests: list[Request], prompts: list[PreparedPrompt], prune: bool) -> list[Result]:
         """The engine call, its wall time added to this call's engine seconds (busy time)."""

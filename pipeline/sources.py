@@ -261,7 +261,9 @@ def manifest_format(uri: str) -> str:
     """The manifest's suffix: .parquet, .jsonl, .json or .csv; anything else is a ManifestError."""
     suffix = PurePosixPath(uri.rstrip("/")).suffix.lower()
     if suffix not in (".parquet", ".jsonl", ".json", ".csv"):
-        raise ManifestError(f"manifest {uri}: unknown format {suffix!r}; expected .parquet, .jsonl, .json or .csv")
+        raise ManifestError(
+            f"manifest {uri}: unknown format {suffix!r}; expected .parquet, .jsonl, .json or .csv; nothing was run"
+        )
     return suffix
 
 

@@ -4,6 +4,7 @@ runs it (batch size, resources, pool). A pipeline is then source → prepare →
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from pipeline import faults
@@ -45,7 +46,7 @@ class PrepareStage:
             batch_size=self.batch_size,
             batch_format="pyarrow",
             num_cpus=self.num_cpus,
-            **faults.runtime_env(),
+            **runtime_env(),
         )
 
     def __call__(self, dataset):
@@ -103,10 +104,20 @@ class AnswerStage:
             compute=ray.data.ActorPoolStrategy(min_size=self.actors[0], max_size=self.actors[1]),
             num_gpus=self.num_gpus,
             num_cpus=self.num_cpus,
-            **faults.runtime_env(),
+            # Expandable segments let the CUDA allocator grow and give back its blocks instead of
+            # fragmenting them: batches of varying shapes otherwise strand memory between them.
+            **runtime_env(
+                PYTORCH_CUDA_ALLOC_CONF=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+            ),
         )
 
     def __call__(self, dataset):
         from pipeline.infer import Answerer
 
         return dataset.map_batches(Answerer, **self.map_batches_kwargs())
+
+
+def runtime_env(**env_vars: str) -> dict:
+    """Ray remote args giving a stage's workers `env_vars` and the driver's fault plan (tests)."""
+    env = {**faults.env_vars(), **env_vars}
+    return {"runtime_env": {"env_vars": env}} if env else {}

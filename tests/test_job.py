@@ -225,3 +225,5 @@ def test_answer_stage_reservations_keep_preparation_apart(caplog):
     assert not caplog.records
     answer_stage(0, 1.0)
     assert "prepare_cpus=1" in caplog.text
+    env = answer_stage(1, 0.5).map_batches_kwargs()["runtime_env"]["env_vars"]
+    assert env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"

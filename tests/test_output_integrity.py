@@ -577,9 +577,10 @@ def test_files_a_taken_over_run_writes_later_are_not_published(tmp_path):
 
 
 def test_kv_cache_budget_is_part_of_the_fingerprint(tmp_path):
+    from pipeline.checkpoints import Checkpoint
     from pipeline.fingerprint import differences, job_fingerprint
 
-    model = str(FIXTURE / "base")
+    model = Checkpoint(str(FIXTURE / "base"), "local", None)
     small = job_fingerprint(JobConfig(kv_cache_gib=1e-7), model, None, "float32")
     default = job_fingerprint(JobConfig(), model, None, "float32")
     assert differences(small, default) == ["kv_cache_gib 1e-07 → null"]

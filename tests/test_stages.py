@@ -70,3 +70,27 @@ def test_answerer_answers_prepared_rows_as_the_engine_does(prepared, fixture_eng
         assert row["n_visual_kept"] == published
         assert row["pruned"] is prune and row["glimpse_modules"] == (MODULES.location if prune else None)
     assert rows["broken"]["error_code"] == "not_found" and rows["broken"]["answer"] is None
+
+
+def test_an_out_of_memory_batch_is_freed_before_its_halves_run(prepared, monkeypatch):
+    """The halves must not run while the failed batch's traceback keeps its tensors alive."""
+    import weakref
+
+    import torch
+
+    answerer = Answerer(MODEL, MODULES, StorageOptions(), prune=True, dtype="float32")
+    generate, held, alive_at_retry = answerer.engine.generate_prepared, [], []
+
+    def running_out_of_memory(requests, prompts, *args, **kwargs):
+        activations = torch.zeros(1 << 16)  # what a batch holds when it runs out of memory
+        alive_at_retry.append(sum(ref() is not None for ref in held))
+        held.append(weakref.ref(activations))
+        if len(requests) > 1:
+            raise torch.OutOfMemoryError("injected")
+        return generate(requests, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(answerer.engine, "generate_prepared", running_out_of_memory)
+    good = prepared.filter(prepared.column("error").is_null())
+    results = answerer(good)
+    assert results.column("error").null_count == good.num_rows
+    assert len(alive_at_retry) > good.num_rows and not any(alive_at_retry)
