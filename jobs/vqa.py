@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 
 from jobs.cli import JobArgumentParser, add_job_options, error, job_config
 
 INTERRUPTED = 130
+EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception): ")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,33 +43,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from pipeline.job import check
-    from pipeline.output import OutputError
-
+    # Our own progress and summary lines; other libraries' INFO lines (botocore's "Found
+    # credentials…") stay out of the terminal.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("pipeline").setLevel(logging.INFO)
     try:
-        config = job_config(args)
-        checked = check(config)  # before Ray starts: a mistake costs a second, not a cluster start
-    except (ValueError, OutputError) as e:  # options, config file, input, model, output location
-        return error(str(e))
-    try:
-        return run_job(config, checked, args)
+        return run_job(args)
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return INTERRUPTED
 
 
-def run_job(config, checked, args: argparse.Namespace) -> int:
-    from pipeline.cluster import start_ray
-    from pipeline.job import TooManyFailures, run
+def run_job(args: argparse.Namespace) -> int:
+    from pipeline.cluster import ClusterError, start_ray
+    from pipeline.job import TooManyFailures, check, run
     from pipeline.lease import LeaseHeld, LeaseLost
     from pipeline.output import OutputError
-    from pipeline.sources import ManifestError
+    from pipeline.storage import UnsupportedURI
 
-    logs = start_ray(args.ray_address, args.verbose)
+    try:
+        config = job_config(args)
+        checked = check(config)  # before Ray starts: a mistake costs a second, not a cluster start
+    except (ValueError, OutputError, UnsupportedURI, OSError) as e:  # options, config, input, model, output
+        return error(f"{e}" if not isinstance(e, OSError) else f"{type(e).__name__}: {e}")
+    try:
+        logs = start_ray(args.ray_address, args.verbose)
+    except ClusterError as e:
+        return error(str(e))
     try:
         summary = run(config, overwrite=args.overwrite, take_over_lease=args.take_over_lease, checked=checked)
-    except (OutputError, ManifestError, LeaseHeld) as e:
+    except (ValueError, OutputError, LeaseHeld) as e:
         return error(str(e))
     except LeaseLost as e:
         return error(f"{e}; nothing was published", 1)
@@ -77,11 +82,25 @@ def run_job(config, checked, args: argparse.Namespace) -> int:
     except Exception as e:
         if args.verbose:
             raise
-        cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         where = logs or "the Ray session's log directory"
-        return error(f"the job failed: {cause} (rerun with -v for Ray's output; logs in {where})", 1)
+        return error(f"the job failed: {root_cause(e)} (rerun with -v for Ray's output; logs in {where})", 1)
     print("\n".join(summary.lines()))
     return 0
+
+
+def root_cause(error: BaseException) -> str:
+    """What failed, in one line. Ray wraps a worker's error in its own, with the worker's
+    traceback as text: the last exception line in it that is not Ray's own names the cause."""
+    chain = [error]
+    while (inner := getattr(error, "cause", None) or error.__cause__) is not None and inner not in chain:
+        chain.append(error := inner)
+    lines = [line.strip() for e in chain for line in str(e).splitlines()]
+    named = [line for line in lines if EXCEPTION_LINE.match(line)]
+    own = [line for line in named if not line.startswith("ray.")]
+    if own:
+        return own[-1]
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[-1]}" if text else type(error).__name__
 
 
 if __name__ == "__main__":

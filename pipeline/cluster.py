@@ -11,13 +11,22 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 
-QUIET_LEVEL = logging.ERROR
+# Quiet, the terminal gets only what the job itself says: a failure ends in one `error:` line
+# naming its cause and the log directory, where Ray's own account of it is.
+QUIET_LEVEL = logging.CRITICAL
+_started_locally = False
+
+
+class ClusterError(ValueError):
+    """The Ray cluster cannot be reached, or cannot run the job as asked."""
 
 
 def start_ray(address: str | None = None, verbose: bool = False) -> str:
     """Connects to (or starts) Ray; returns the session's log directory."""
+    global _started_locally
     if not verbose:
         # The driver's own core-worker lines (C++) go to its log file, not the terminal.
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
@@ -27,12 +36,18 @@ def start_ray(address: str | None = None, verbose: bool = False) -> str:
     if ray.is_initialized():  # the caller's own Ray (a test, a notebook): use it as it is
         return session_log_dir()
     address = address or os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(
-        address=address,
-        include_dashboard=False if address == "local" else None,
-        logging_level=logging.INFO if verbose else QUIET_LEVEL,
-        log_to_driver=verbose,
-    )
+    if address != "local":
+        check_reachable(address)
+    try:
+        ray.init(
+            address=address,
+            include_dashboard=False if address == "local" else None,
+            logging_level=logging.INFO if verbose else QUIET_LEVEL,
+            log_to_driver=verbose,
+        )
+    except (ValueError, ConnectionError, TimeoutError) as e:
+        raise ClusterError(f"cannot join the Ray cluster at {address}: {str(e).strip().splitlines()[0]}") from None
+    _started_locally = address == "local"
     context = ray.data.DataContext.get_current()
     # In a terminal Ray Data draws its progress bars; elsewhere (a log, CI) they would be pages of
     # INFO lines, and the job's own progress line says what matters.
@@ -40,6 +55,23 @@ def start_ray(address: str | None = None, verbose: bool = False) -> str:
     if not verbose:
         quiet_ray_data()
     return session_log_dir()
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A `host:port` cluster address answers a TCP connection, or the job stops at once (Ray
+    itself would retry for minutes). Other forms (`auto`, `ray://…`) are left to Ray."""
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ClusterError(f"cannot join the Ray cluster at {address}: {e.strerror or e}") from None
+
+
+def started_locally() -> bool:
+    """Whether this process started its own local Ray (whose resources are all there will be)."""
+    return _started_locally
 
 
 def quiet_ray_data() -> None:

@@ -28,7 +28,7 @@ class JobConfig(BaseModel):
     image_column: str = Field("image", description="dataset column holding the image")
     question_column: str = Field("question", description="dataset column holding the question, if any")
     id_column: str = Field("id", description="dataset column holding the id; absent: the row index")
-    prompt: str = Field(DEFAULT_PROMPT, description="question for rows that have none")
+    prompt: str = Field(DEFAULT_PROMPT, min_length=1, description="question for rows that have none")
     output: str = Field("out", description="output directory (local or URI) for Parquet and _summary.json")
 
     model: str | None = Field(
@@ -55,8 +55,8 @@ class JobConfig(BaseModel):
     )
     ignore_eos: bool = Field(False, description="benchmarks: generate exactly max_new_tokens, past end-of-sequence")
     max_new_tokens: int = Field(64, ge=1, description="answer length for rows that set none")
-    min_pixels: int | None = Field(None, description="image processor min_pixels (default: checkpoint's)")
-    max_pixels: int | None = Field(None, description="image processor max_pixels (default: checkpoint's)")
+    min_pixels: int | None = Field(None, ge=1, description="image processor min_pixels (default: checkpoint's)")
+    max_pixels: int | None = Field(None, ge=1, description="image processor max_pixels (default: checkpoint's)")
     max_image_bytes: int = Field(64 << 20, ge=1, description="objects larger than this are refused unread")
     max_image_pixels: int = Field(
         64_000_000, ge=1, description="images with more pixels are refused from their header, before decoding"
@@ -73,6 +73,7 @@ class JobConfig(BaseModel):
     kv_cache_gib: float | None = Field(
         None,
         gt=0,
+        allow_inf_nan=False,
         description="decode KV-cache budget per actor "
         "(none: 70 percent of the GPU memory free after loading; no budget on CPU)",
     )
@@ -99,8 +100,10 @@ class JobConfig(BaseModel):
     control_fraction: float = Field(
         0.0, ge=0, le=1, description="share of rows also run unpruned, to measure savings and agreement"
     )
-    gpu_hourly_usd: float | None = Field(None, ge=0, description="GPU price per hour, for the cost estimate")
-    progress_interval_s: float = Field(30.0, gt=0, description="seconds between progress lines")
+    gpu_hourly_usd: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="GPU price per hour, for the cost estimate"
+    )
+    progress_interval_s: float = Field(30.0, gt=0, allow_inf_nan=False, description="seconds between progress lines")
     max_failed_fraction: float = Field(
         0.1,
         ge=0,
@@ -115,6 +118,14 @@ class JobConfig(BaseModel):
     )
 
     storage: StorageOptions = Field(default_factory=StorageOptions, description="S3 options")
+
+    @field_validator("manifest", "images", "dataset", "output", "model", "glimpse", "tiny_model_dir")
+    @classmethod
+    def not_empty(cls, value: str | None) -> str | None:
+        """An empty location (an unset shell variable) is a mistake, never "use the default"."""
+        if value is not None and not value.strip():
+            raise ValueError("is empty")
+        return value
 
     @field_validator("num_actors", mode="before")
     @classmethod
@@ -134,6 +145,8 @@ class JobConfig(BaseModel):
             raise ValueError(f"give one input, not {given}")
         if self.glimpse and not self.model:
             raise ValueError("glimpse modules need their model: set model too")
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels {self.min_pixels} is over max_pixels {self.max_pixels}")
         low, high = self.actor_pool
         if not 1 <= low <= high:
             raise ValueError(f"num_actors {self.num_actors}: need 1 <= MIN <= MAX")
@@ -174,8 +187,9 @@ class JobConfig(BaseModel):
 
 def _problem(error: dict) -> str:
     where = ".".join(str(part) for part in error["loc"]) or "options"
-    if error["type"] == "value_error" and not error["loc"]:  # a check across options (model_validator)
-        return str(error["ctx"]["error"])
+    if error["type"] == "value_error":  # our own checks: their message as written
+        message = str(error["ctx"]["error"])
+        return f"{where}: {message}" if error["loc"] else message
     if error["type"] == "extra_forbidden":
         return f"{where}: unknown option (is it indented under the right section?)"
     return f"{where}: {error['msg']}"

@@ -7,14 +7,16 @@ from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray
 
 from pipeline import faults
 from pipeline.checkpoints import Checkpoint
+from pipeline.cluster import ClusterError, started_locally
 from pipeline.config import JobConfig
 from pipeline.fingerprint import job_fingerprint
 from pipeline.lineage import job_lineage, now
 from pipeline.output import OutputDir, new_run_id
-from pipeline.plan import Plan, cluster_gpus, locate, make_plan
+from pipeline.plan import Plan, cluster_gpus, locate, make_plan, unschedulable
 from pipeline.progress import ProgressCounter, ProgressLog
 from pipeline.sources import check_ids, read_source
 from pipeline.stages import AnswerStage, PrepareStage
@@ -70,6 +72,8 @@ def run(
     checked = checked or check(config)
     output = checked.output
     plan = make_plan(config, checked.model, checked.glimpse, cluster_gpus())
+    if started_locally() and (problem := unschedulable(plan, ray.cluster_resources())):
+        raise ClusterError(f"this machine cannot run the job: {problem}")
     fingerprint = job_fingerprint(config, plan.model, plan.glimpse, plan.dtype)
     run_id = new_run_id()
     lineage = job_lineage(plan, output.absolute_uri, run_id, started_at)

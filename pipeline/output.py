@@ -163,7 +163,7 @@ class OutputDir:
     @property
     def absolute_uri(self) -> str:
         """The location as a full URI: file:///… for a local directory, s3://… for a prefix."""
-        return self.fs.unstrip_protocol(self.path)
+        return self.fs.unstrip_protocol(posixpath.normpath(self.path))
 
     def write_pending(self, dataset, run_id: str, lineage: dict) -> None:
         """Runs `dataset` to the end, its result rows written as Parquet files under this run's

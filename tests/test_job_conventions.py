@@ -66,6 +66,18 @@ MISTAKES = {
     "config file missing": (["--config", "{root}/nope.yaml"], "cannot read the config file"),
     "config file not YAML": (["--config", "{bad_yaml}"], "not valid YAML"),
     "actor pool min over max": (["--num-actors", "3:1"], "num_actors"),
+    "empty model location": (["--model", ""], "model: is empty"),
+    "empty manifest location": (["--manifest", ""], "manifest: is empty"),
+    "output on an unsupported scheme": (["--output", "gs://bucket/out"], "gs://"),
+    "infinite KV budget": (["--kv-cache-gib", "inf"], "kv_cache_gib"),
+    "Ray address that does not answer": (
+        ["--model", str(FIXTURE / "base"), "--ray-address", "127.0.0.1:9"],
+        "cannot join the Ray cluster",
+    ),
+    "Ray address of the wrong form": (
+        ["--model", str(FIXTURE / "base"), "--ray-address", "http://127.0.0.1:9"],
+        "cannot join the Ray cluster",
+    ),
     "revision of a local directory": (
         ["--model", str(FIXTURE / "base"), "--model-revision", "main"],
         "revision",
@@ -86,6 +98,17 @@ def test_each_mistake_is_one_error_line_and_exit_2_within_3_seconds(mistake, pla
     assert "Traceback" not in done.stdout + done.stderr
     assert seconds < FAST_S, f"{mistake}: answered in {seconds:.1f}s"
     assert not (tmp_path / "out").exists()
+
+
+def test_an_actor_pool_this_machine_cannot_hold_is_refused_not_waited_for(tmp_path):
+    """On a local Ray nothing will join: a pool bigger than the machine would wait forever."""
+    done, _ = run_job(
+        ["--model", str(FIXTURE / "base"), "--num-actors", "64", "--output", str(tmp_path / "out")], tmp_path
+    )
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.splitlines()[-1]
+    assert last.startswith("error: this machine cannot run the job: 64 answering actors"), done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_help_groups_the_options_and_shows_their_defaults(tmp_path):

@@ -54,20 +54,25 @@ class PrunableKVCache:
     def merged(cls, caches: list[PrunableKVCache], extra: int) -> PrunableKVCache:
         """One cache holding the rows of `caches` in order, each right-aligned (left-padded) to the
         widest, in buffers with room for `extra` more columns: decode then writes in place. The only
-        copy of the (pruned) prefill cache; padding columns are zeros, masked out by the caller."""
+        copy of the (pruned) prefill cache; padding columns are zeros, masked out by the caller.
+
+        Consumes `caches`: each layer of theirs is released once copied, so the merge holds at most
+        the merged cache and one layer of the inputs, not both caches whole."""
         width = max(c.lengths[0] for c in caches)
         rows = sum(c.keys[0].shape[0] for c in caches)
         out = cls(len(caches[0].keys))
         for layer_idx in range(len(out.keys)):
             k0 = caches[0].keys[layer_idx]
-            shape = (rows, k0.shape[1], width + extra, k0.shape[3])
-            keys, values = k0.new_zeros(shape), k0.new_zeros(shape)
+            shape = (rows, k0.shape[1], width + extra, k0.shape[3])  # (B, kv_heads, T, head_dim)
+            out.keys[layer_idx], out.values[layer_idx] = k0.new_zeros(shape), k0.new_zeros(shape)
+            out.lengths[layer_idx] = width
             start = 0
             for cache in caches:
                 k, v = cache.layer(layer_idx)
                 end = start + k.shape[0]
-                keys[start:end, :, width - k.shape[2] : width] = k
-                values[start:end, :, width - k.shape[2] : width] = v
+                out.keys[layer_idx][start:end, :, width - k.shape[2] : width] = k
+                out.values[layer_idx][start:end, :, width - k.shape[2] : width] = v
+                cache.keys[layer_idx] = cache.values[layer_idx] = None
                 start = end
-            out.keys[layer_idx], out.values[layer_idx], out.lengths[layer_idx] = keys, values, width
+            del k0, k, v  # the inputs' layer goes now, not when the next layer's views replace these
         return out

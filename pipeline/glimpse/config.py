@@ -73,6 +73,13 @@ class GlimpseConfig:
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        anchors = self.raw.get("anchor_positions")
+        if anchors:
+            raise GlimpseConfigError(
+                f"anchor_positions={anchors!r} is not supported: GlimpsePrune always keeps those corner visual "
+                "tokens ('tl', 'tr', 'bl', 'br'), which this engine does not do, so its answers would differ "
+                "silently; use modules whose config has anchor_positions empty or null"
+            )
         if self.attn_fuse_type != SUPPORTED_FUSER:
             raise GlimpseConfigError(
                 f"attn_fuse_type={self.attn_fuse_type!r} is not supported; expected {SUPPORTED_FUSER!r}"

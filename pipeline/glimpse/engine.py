@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from pipeline.glimpse.cache import PrunableKVCache
 from pipeline.glimpse.masks import attention_mask
 from pipeline.glimpse.modules import GlimpseModules
 from pipeline.glimpse.prompts import DTYPES, PreparedPrompt, PromptBuilder
-from pipeline.glimpse.sampling import SamplingParams, make_generator, next_tokens
+from pipeline.glimpse.sampling import BatchSampler, SamplingParams
 from pipeline.glimpse.selection import SelectionOptions, select_tokens
 from pipeline.glimpse.vision import encode_images
 
@@ -137,6 +138,11 @@ class GlimpseEngine:
 
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if attn_implementation == "flash_attention_2" and dtype == "float32":
+            raise ValueError(
+                "attn_implementation='flash_attention_2' does not run in dtype='float32' (flash-attn takes "
+                "float16 or bfloat16 only): load with dtype='bfloat16' or 'float16', or attn_implementation='sdpa'"
+            )
         loaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             model, dtype=DTYPES[dtype], attn_implementation=attn_implementation, use_safetensors=True
         ).to(device)
@@ -181,23 +187,30 @@ class GlimpseEngine:
     ) -> list[Result]:
         """Answers `requests` (results in their order). Prefill runs `prefill_rows` requests at a
         time (default: all at once), shortest prompts first; each chunk's pruned cache joins one
-        decode batch until the decode cache (rows × (widest kept prompt + longest answer)) would
-        pass `cache_budget_bytes`: pruning shrinks the cache, so the budget holds more rows."""
+        decode batch while the KV cache stays within `cache_budget_bytes` at its peak (see
+        `_cache_peak`): pruning shrinks the cache, so the budget holds more rows.
+
+        Invariant, so the budget holds at every moment (a single chunk over it alone excepted):
+        between chunks, the waiting chunks' peak plus the next chunk's prefill cache fit."""
         prune = prune and self.can_prune
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].input_ids))
         chunk = prefill_rows or max(len(order), 1)
         results: list[Result | None] = [None] * len(requests)
         waiting: list[_Chunk] = []
+        budget = math.inf if cache_budget_bytes is None else cache_budget_bytes
         for start in range(0, len(order), chunk):
-            rows = order[start : start + chunk]
+            rows, upcoming = order[start : start + chunk], order[start + chunk : start + 2 * chunk]
             started = time.perf_counter()
             state = self._prefill([prompts[i] for i in rows], prune)
             self._synchronize()
             prefilled = _Chunk(rows, state, time.perf_counter() - started)
-            if waiting and self._over_budget([*waiting, prefilled], requests, cache_budget_bytes):
+            if waiting and self._cache_peak([*waiting, prefilled], requests) > budget:
                 self._decode_chunks(waiting, requests, prompts, prune, emit_masks, results)
                 waiting = []
             waiting.append(prefilled)
+            if self._cache_peak(waiting, requests) + self._prefill_cache(upcoming, prompts) > budget:
+                self._decode_chunks(waiting, requests, prompts, prune, emit_masks, results)
+                waiting = []
         if waiting:
             self._decode_chunks(waiting, requests, prompts, prune, emit_masks, results)
         return results
@@ -207,12 +220,21 @@ class GlimpseEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _over_budget(self, chunks: list[_Chunk], requests: list[Request], budget: int | None) -> bool:
-        if budget is None:
-            return False
+    def _cache_peak(self, chunks: list[_Chunk], requests: list[Request]) -> float:
+        """KV-cache bytes at the peak of decoding `chunks` together: the merged decode cache
+        (rows × (widest kept prompt + longest answer)), plus the one layer of the chunks' own
+        caches that the merge (and a later drop of finished rows) holds beside it."""
         rows = [r for c in chunks for r in c.rows]
         width = max(c.state.valid.shape[1] for c in chunks) + max(requests[r].sampling.max_new_tokens for r in rows)
-        return len(rows) * width * self.costs.kv_bytes_per_token() > budget
+        merged = len(rows) * width * self.costs.kv_bytes_per_token()
+        return merged * (1 + 1 / len(self.language_model.layers))
+
+    def _prefill_cache(self, rows: list[int], prompts: list[PreparedPrompt]) -> float:
+        """KV-cache bytes the prefill of `rows` may hold: unpruned, every layer, with the glimpse."""
+        if not rows:
+            return 0.0
+        width = max(len(prompts[r].input_ids) for r in rows) + 1
+        return len(rows) * width * self.costs.kv_bytes_per_token()
 
     def _decode_chunks(self, chunks, requests, prompts, prune, emit_masks, results) -> None:
         """Decodes prefilled chunks as one batch and fills their rows of `results`."""
@@ -379,16 +401,15 @@ class GlimpseEngine:
         reasons = ["length"] * batch
         seconds = [0.0] * batch
         finished = [False] * batch
-        generators = [make_generator(p.seed, self.device) if not p.greedy else None for p in params]
+        sampler, step = BatchSampler(params, self.device), 0  # step: the answer position being chosen
         owners = list(range(batch))  # batch slot → request index
         cache, valid, next_pos = state.cache, state.valid, state.next_pos
-        chosen = next_tokens(state.logits, params, generators)
+        chosen = sampler(state.logits, step)
         while True:
             read_chosen, chosen_by = _copy_to_host(chosen), owners
             if any(not finished[r] and len(tokens[r]) + 1 < params[r].max_new_tokens for r in owners):
-                chosen = self._decode_step(
-                    chosen, cache, valid, next_pos, [params[r] for r in owners], [generators[r] for r in owners]
-                )
+                step += 1
+                chosen = self._decode_step(chosen, cache, valid, next_pos, sampler, step)
                 next_pos = next_pos + 1
             for r, token in zip(chosen_by, read_chosen()):
                 if finished[r]:
@@ -407,20 +428,27 @@ class GlimpseEngine:
                 cache.select_rows(keep)
                 valid, next_pos, chosen = valid[keep], next_pos[:, keep], chosen[keep]
                 owners = [owners[slot] for slot in live]
+                sampler = BatchSampler([params[r] for r in owners], self.device)
 
-    def _decode_step(self, chosen, cache, valid, next_pos, params, generators) -> torch.Tensor:
-        """One token for every row: `chosen` [B] in, the next tokens [B] out (marks the new column valid)."""
+    def _decode_step(self, chosen, cache, valid, next_pos, sampler: BatchSampler, step: int) -> torch.Tensor:
+        """One token for every row: `chosen` [B] in, the tokens at answer position `step` [B] out
+        (marks the new column valid). Runs SDPA where flash-attention was asked for: transformers'
+        flash-attention path unpads the cache at every layer of every step (a host sync and a copy
+        of the whole cache), where SDPA reads it in place with a boolean mask. Not measured here
+        (no GPU, no flash-attn); prefill keeps flash-attention."""
         used = cache.lengths[0] + 1
         valid[:, used - 1] = True
         hidden = self.language_model.embed_tokens(chosen[:, None])
         rotary = self.language_model.rotary_emb(hidden, next_pos[:, :, None])
-        mask = attention_mask(valid[:, :used], 1, self.attn_implementation, hidden.dtype)
-        for layer in self.language_model.layers:
-            hidden = _layer_output(
-                layer(hidden, attention_mask=mask, position_embeddings=rotary, past_key_values=cache)
-            )
+        implementation = _DECODE_ATTENTION.get(self.attn_implementation, self.attn_implementation)
+        mask = attention_mask(valid[:, :used], 1, implementation, hidden.dtype)
+        with _attention(self.text_config, implementation):
+            for layer in self.language_model.layers:
+                hidden = _layer_output(
+                    layer(hidden, attention_mask=mask, position_embeddings=rotary, past_key_values=cache)
+                )
         logits = self.model.lm_head(self.language_model.norm(hidden[:, -1]))
-        return next_tokens(logits, params, generators)
+        return sampler(logits, step)
 
 
 def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -462,6 +490,21 @@ def _copy_to_host(tokens: torch.Tensor):
         return host.tolist()
 
     return read
+
+
+# Decode attends one query per row to the whole cache: what each implementation decodes with.
+_DECODE_ATTENTION = {"flash_attention_2": "sdpa"}
+
+
+@contextmanager
+def _attention(config, implementation: str):
+    """Runs the decoder layers with `implementation`: their attention reads the config's at every call."""
+    before = config._attn_implementation
+    config._attn_implementation = implementation
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
 
 
 def _layer_output(output):

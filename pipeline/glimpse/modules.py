@@ -104,16 +104,22 @@ class VisualTokenImportancePredictor(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def rotary(self, grid_hw: list[tuple[int, int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-        """2-D rotary angles of each merged cell, raster order per image: cos, sin [N, head_dim]."""
+        """2-D rotary angles of each merged cell, raster order per image: cos, sin [N, head_dim].
+
+        Computed in `inv_freq`'s dtype, which is the modules' dtype once they are moved to the
+        model's: the release (model_gp.py, `AttnFuserV1.rot_pos_emb` with transformers 4.51's
+        `Qwen2_5_VisionRotaryEmbedding`) casts its VIP, buffer included, to the model's dtype and
+        takes `torch.outer(arange(max_hw, dtype=inv_freq.dtype), inv_freq)` and `emb.cos()` there.
+        In bf16 that rounds each angle (and cos/sin) to bf16, and the modules were trained on
+        those angles; in fp32 it is the same arithmetic as before."""
         rows, cols = [], []
         for h, w in grid_hw:
             rows.append(torch.arange(h, device=device).repeat_interleave(w))
             cols.append(torch.arange(w, device=device).repeat(h))
-        inv_freq = self.inv_freq.to(device)
-        angles = torch.cat(
-            [torch.cat(rows)[:, None].float() * inv_freq, torch.cat(cols)[:, None].float() * inv_freq], dim=-1
-        )  # (N, head_dim/2)
-        emb = torch.cat([angles, angles], dim=-1)
+        inv_freq = self.inv_freq.to(device)  # (head_dim/4,)
+        pos = [torch.cat(axis)[:, None].to(inv_freq.dtype) for axis in (rows, cols)]  # 2 × (N, 1)
+        angles = torch.cat([p * inv_freq for p in pos], dim=-1)  # (N, head_dim/2), rows' angles then cols'
+        emb = torch.cat([angles, angles], dim=-1)  # (N, head_dim)
         return emb.cos(), emb.sin()
 
     def segments(self, grid_hw: list[tuple[int, int]], device) -> list[tuple[int, int, torch.Tensor | None]]:

@@ -34,11 +34,16 @@ class SelectionOptions:
 
 
 def select_tokens(logits: torch.Tensor, options: SelectionOptions) -> torch.Tensor:
-    """logits [N] of one sample (all its images) → keep mask [N] bool."""
-    probs = logits.float().sigmoid()
+    """logits [N] of one sample (all its images) → keep mask [N] bool.
+
+    The sigmoid and the comparison run in the logits' dtype, as the release does
+    (model_gp.py, `_get_remain_masks`: `one_logits[-1].sigmoid() > threshold`, topk on those
+    probabilities): in bf16 a logit just above the threshold's logit can round onto it and be dropped,
+    and the published modules' thresholds were chosen under that arithmetic."""
+    probs = logits.sigmoid()  # (N,), the logits' dtype
     n = probs.numel()
-    if options.keep_ratio is not None:
-        return _top(probs, min(n, max(1, options.min_kept, round(options.keep_ratio * n))))
+    if options.keep_ratio is not None:  # ours, not the release's: ranked by logit, which never saturates
+        return _top(logits.float(), min(n, max(1, options.min_kept, round(options.keep_ratio * n))))
     keep = probs > options.threshold
     if options.max_keep_ratio is not None and int(keep.sum()) > options.max_keep_ratio * n:
         keep = _top(probs, max(1, min(n, int(options.max_keep_ratio * n))))
@@ -47,7 +52,7 @@ def select_tokens(logits: torch.Tensor, options: SelectionOptions) -> torch.Tens
     return keep
 
 
-def _top(probs: torch.Tensor, k: int) -> torch.Tensor:
-    mask = torch.zeros_like(probs, dtype=torch.bool)
-    mask[torch.topk(probs, k).indices] = True
+def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    mask[torch.topk(scores, k).indices] = True
     return mask

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from transformers.vision_utils import get_vision_window_index
 
+from pipeline.glimpse.vision_attention import one_call_per_block
+
 
 @dataclass
 class VisionFeatures:
@@ -19,24 +21,30 @@ class VisionFeatures:
 
 
 def encode_images(visual, pixel_values: torch.Tensor, grid_thw: torch.Tensor, blocks: list[int]) -> VisionFeatures:
-    """Runs `visual` (Qwen2.5-VL's vision tower) with forward hooks on `blocks`."""
+    """Runs `visual` (Qwen2.5-VL's vision tower) with forward hooks on `blocks`, one attention call
+    per block (`one_call_per_block`)."""
+    config = visual.config
+    unit = config.spatial_merge_size**2
     captured: dict[int, torch.Tensor] = {}
 
     def keep(index):
+        # Averaged as soon as the block is done: a full-resolution output of every hooked block
+        # would be held until the tower finishes. A merge unit is `unit` consecutive rows in
+        # the window order the blocks see, so the average does not depend on that order.
         def hook(_module, _inputs, output):
-            captured[index] = output[0] if isinstance(output, tuple) else output
+            output = output[0] if isinstance(output, tuple) else output  # [N·unit, V]
+            captured[index] = output.view(-1, unit, output.shape[-1]).mean(dim=1)  # [N, V]
 
         return hook
 
     handles = [visual.blocks[i].register_forward_hook(keep(i)) for i in blocks]
     try:
-        out = visual(pixel_values.to(visual.dtype), grid_thw=grid_thw)
+        with one_call_per_block(visual):
+            out = visual(pixel_values.to(visual.dtype), grid_thw=grid_thw)
     finally:
         for handle in handles:
             handle.remove()
     merged = out.pooler_output if hasattr(out, "pooler_output") else out
-    config = visual.config
-    unit = config.spatial_merge_size**2
     # Blocks see patches in window order; the decoder and the VIP use raster order of merged cells.
     window_index, _ = get_vision_window_index(
         grid_thw,
@@ -45,5 +53,5 @@ def encode_images(visual, pixel_values: torch.Tensor, grid_thw: torch.Tensor, bl
         patch_size=config.patch_size,
     )
     raster = torch.argsort(window_index.to(merged.device))
-    selected = [captured[i].view(-1, unit, captured[i].shape[-1]).mean(dim=1)[raster] for i in blocks]
+    selected = [captured[i][raster] for i in blocks]
     return VisionFeatures(merged=merged, selected=selected)
