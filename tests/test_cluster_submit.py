@@ -108,6 +108,8 @@ def test_a_job_without_an_address_starts_its_own_ray_and_stopping_a_cluster_spar
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert drivers(address) == before, "the job joined a cluster it was not given"
+    # Quiet by default: our progress line and hardly anything of Ray's, no deprecation warnings.
+    assert len(done.stderr.splitlines()) < 10 and "deprecated" not in done.stderr, done.stderr
     with own_cluster() as (other, _):
         assert other != address
     urllib.request.urlopen(f"{address}/api/version", timeout=5)  # still up after the other one stopped
