@@ -16,7 +16,7 @@ from pipeline.config import JobConfig
 from pipeline.fingerprint import job_fingerprint
 from pipeline.lineage import job_lineage, now
 from pipeline.output import OutputDir, new_run_id
-from pipeline.plan import Plan, cluster_gpus, locate, make_plan, unschedulable
+from pipeline.plan import Plan, locate, make_plan, unschedulable
 from pipeline.progress import ProgressCounter, ProgressLog
 from pipeline.sources import check_ids, read_source
 from pipeline.stages import AnswerStage, PrepareStage
@@ -71,12 +71,13 @@ def run(
     started, started_at = time.perf_counter(), now()
     checked = checked or check(config)
     output = checked.output
-    plan = make_plan(config, checked.model, checked.glimpse, cluster_gpus())
-    if started_locally() and (problem := unschedulable(plan, ray.cluster_resources())):
+    resources = ray.cluster_resources()
+    plan = make_plan(config, checked.model, checked.glimpse, resources.get("GPU", 0))
+    if started_locally() and (problem := unschedulable(plan, resources)):
         raise ClusterError(f"this machine cannot run the job: {problem}")
     fingerprint = job_fingerprint(config, plan.model, plan.glimpse, plan.dtype)
     run_id = new_run_id()
-    lineage = job_lineage(plan, output.absolute_uri, run_id, started_at)
+    lineage = job_lineage(plan, fingerprint, output.absolute_uri, run_id, started_at)
     with output.leased(run_id, config.lease_timeout_s, take_over_lease):
         done = output.begin(run_id, fingerprint, overwrite, checked.input_ids)
         faults.reached("started")

@@ -10,7 +10,6 @@ import json
 from datetime import datetime, timezone
 from importlib import metadata
 
-from pipeline.fingerprint import checkpoint_version
 from pipeline.plan import Plan
 from schemas import LINEAGE_METADATA_KEY, RESULT_SCHEMA
 
@@ -29,12 +28,13 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def job_lineage(plan: Plan, output_uri: str, run_id: str, started_at: str) -> dict:
-    """The lineage of one run of a job. The config is the resolved one, without credentials."""
-    model = {**plan.model.lineage(), "version": checkpoint_version(plan.model)}
+def job_lineage(plan: Plan, fingerprint: dict[str, str], output_uri: str, run_id: str, started_at: str) -> dict:
+    """The lineage of one run of a job. The config is the resolved one, without credentials; the
+    model's and modules' versions are the job's fingerprint's (a local directory is hashed once)."""
+    model = {**plan.model.lineage(), "version": fingerprint["model"]}
     modules = None
     if plan.prunes:
-        modules = {**plan.glimpse.lineage(), "version": checkpoint_version(plan.glimpse)}
+        modules = {**plan.glimpse.lineage(), "version": fingerprint["glimpse modules"]}
     resolved = {
         "gpus_per_actor": plan.gpus_per_actor,
         "dtype": plan.dtype,
