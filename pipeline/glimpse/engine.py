@@ -16,16 +16,16 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb, repeat_kv
 
 from pipeline.glimpse.accounting import CostModel, RowCost, share_seconds
 from pipeline.glimpse.cache import PrunableKVCache
+from pipeline.glimpse.inputs import decoder_inputs
 from pipeline.glimpse.masks import attention_mask
 from pipeline.glimpse.modules import GlimpseModules
 from pipeline.glimpse.prompts import DTYPES, PreparedPrompt, PromptBuilder
+from pipeline.glimpse.readout import glimpse_logits, glimpse_query
 from pipeline.glimpse.sampling import BatchSampler, SamplingParams
 from pipeline.glimpse.selection import SelectionOptions, select_tokens
-from pipeline.glimpse.vision import encode_images
 
 
 @dataclass
@@ -278,35 +278,10 @@ class GlimpseEngine:
 
     # ---- prefill -------------------------------------------------------------------------------
 
-    def _embed(self, prompts: list[PreparedPrompt]):
-        """Left-padded batch: input embeddings [B, T, H], positions [3, B, T], valid [B, T], image [B, T]."""
-        length = max(len(p.input_ids) for p in prompts)
-        ids = torch.full((len(prompts), length), self.pad_token_id, dtype=torch.long)
-        valid = torch.zeros((len(prompts), length), dtype=torch.bool)
-        for row, p in enumerate(prompts):
-            ids[row, length - len(p.input_ids) :] = p.input_ids
-            valid[row, length - len(p.input_ids) :] = True
-        ids, valid = ids.to(self.device), valid.to(self.device)
-        image = (ids == self.image_token_id) & valid
-        grid = torch.cat([p.image_grid_thw for p in prompts]).to(self.device)
-        vision = encode_images(
-            self.model.model.visual,
-            torch.cat([p.pixel_values for p in prompts]).to(self.device),
-            grid,
-            self.modules.config.selected_visual_layers if self.modules is not None else [],
-        )
-        if int(image.sum()) != vision.merged.shape[0]:
-            raise ValueError(f"{int(image.sum())} image tokens but {vision.merged.shape[0]} image features")
-        embeds = self.language_model.embed_tokens(ids)
-        embeds[image] = vision.merged.to(embeds.dtype)
-        # transformers 5.x needs mm_token_type_ids for M-RoPE; without it positions are silently 1-D.
-        positions, _ = self.model.model.get_rope_index(
-            ids, mm_token_type_ids=image.int(), image_grid_thw=grid, attention_mask=valid.long()
-        )
-        return embeds, positions, valid, image, vision, grid
-
     def _prefill(self, prompts: list[PreparedPrompt], prune: bool) -> _Prefill:
-        embeds, positions, valid, image, vision, grid = self._embed(prompts)
+        blocks = self.modules.config.selected_visual_layers if self.modules is not None else []
+        inputs = decoder_inputs(self.model, prompts, self.pad_token_id, blocks)
+        embeds, positions, valid, image = inputs.embeds, inputs.positions, inputs.valid, inputs.image
         layers = self.language_model.layers
         cache = PrunableKVCache(len(layers))
         if not prune:
@@ -327,8 +302,8 @@ class GlimpseEngine:
         feats = torch.stack(reads, dim=2).flatten(2)  # (B, T, layers·heads), layer-major
         logits = self.modules.attn_fuser(
             feats[image].to(self.modules.attn_fuser.attn_in_proj.weight.dtype),
-            vision.selected,
-            [(int(h) // 2, int(w) // 2) for _, h, w in grid.tolist()],
+            inputs.vision.selected,
+            [(int(h) // 2, int(w) // 2) for _, h, w in inputs.grid.tolist()],
         )
         kept = [select_tokens(row_logits, self.selection) for row_logits in logits.split(image.sum(1).tolist())]
 
@@ -352,35 +327,19 @@ class GlimpseEngine:
         rotary = self.language_model.rotary_emb(hidden, positions)
         mask = attention_mask(valid, hidden.shape[1], self.attn_implementation, hidden.dtype)
         selected = self.modules.config.selected_layers if reads is not None else ()
+        use_logits = self.modules is not None and self.modules.config.use_attention_logits
+        last = torch.full((hidden.shape[0],), hidden.shape[1] - 1, device=hidden.device)
         for i in indices:
             layer = self.language_model.layers[i]
             if add_glimpse and reads is not None and i > 0 and i in self.glimpse_embeddings:
                 hidden[:, -1] += self.glimpse_embeddings[i]
-            query = self._glimpse_query(layer, hidden, rotary) if i in selected else None
+            query = glimpse_query(layer, hidden, rotary, last) if i in selected else None
             hidden = _layer_output(
                 layer(hidden, attention_mask=mask, position_embeddings=rotary, past_key_values=cache)
             )
             if query is not None:
-                reads.append(self._glimpse_logits(layer, query, cache.layer(i)[0], valid))
+                reads.append(glimpse_logits(layer, query, cache.layer(i)[0], valid, use_logits))
         return hidden
-
-    def _glimpse_query(self, layer, hidden, rotary):
-        """The glimpse token's query at `layer`, after RoPE: [B, heads, 1, head_dim]."""
-        attn = layer.self_attn
-        x = layer.input_layernorm(hidden[:, -1:])
-        query = attn.q_proj(x).view(x.shape[0], 1, -1, attn.head_dim).transpose(1, 2)
-        cos, sin = (r[:, -1:] for r in rotary)
-        return apply_rotary_pos_emb(query, query, cos, sin)[0]
-
-    def _glimpse_logits(self, layer, query, keys, valid):
-        """q·k/sqrt(d) of the glimpse query against every key (GQA heads repeated): [B, heads, T].
-        Raw logits with use_attention_logits, else log-softmax over the valid keys."""
-        attn = layer.self_attn
-        keys = repeat_kv(keys, attn.num_key_value_groups)
-        scores = (query @ keys.transpose(-1, -2))[:, :, 0] / math.sqrt(attn.head_dim)
-        if not self.modules.config.use_attention_logits:
-            scores = scores.masked_fill(~valid[:, None], float("-inf")).log_softmax(dim=-1)
-        return scores.transpose(1, 2)  # (B, T, heads)
 
     def _finish_prefill(self, hidden, positions, valid, cache, kept) -> _Prefill:
         logits = self.model.lm_head(self.language_model.norm(hidden[:, -1]))

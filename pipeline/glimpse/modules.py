@@ -139,12 +139,20 @@ class VisualTokenImportancePredictor(nn.Module):
 
     def forward(self, attn_feats, vis_feats, grid_hw):
         """attn_feats [N, A], vis_feats n × [N, V], grid_hw merged (h, w) per image → logits [N]."""
+        return self.supervised_outputs(attn_feats, vis_feats, grid_hw)[-1]
+
+    def supervised_outputs(self, attn_feats, vis_feats, grid_hw) -> list[torch.Tensor]:
+        """Logits [N] after each layer with an output head: the last layer's, and with
+        deep_supervision every layer's. Training puts its localisation loss on each."""
         x = self.attn_in_proj(attn_feats)  # (N, F)
         rotary = self.rotary(grid_hw, x.device)
         segments = self.segments(grid_hw, x.device)
-        for cond_proj, layer, feats in zip(self.cond_in_projs, self.layers, vis_feats):
+        outputs = []
+        for cond_proj, layer, head, feats in zip(self.cond_in_projs, self.layers, self.attn_out_projs, vis_feats):
             x = layer(x, cond_proj(feats), rotary, segments)
-        return self.attn_out_projs[-1](x).squeeze(-1)
+            if not isinstance(head, nn.Identity):
+                outputs.append(head(x).squeeze(-1))
+        return outputs
 
 
 class GlimpseModules(nn.Module):

@@ -13,8 +13,11 @@ from PIL import Image
 
 from pipeline.glimpse.errors import RequestError
 
-# Stands in for the question while the chat template is rendered; split out again before tokenizing.
+# Stand in for the question and the answer while the chat template is rendered; split out again
+# before tokenizing.
 QUESTION_SLOT = "\x00glimpse-batch:question\x00"
+ANSWER_SLOT = "\x00glimpse-batch:answer\x00"
+TURN_START = "<|im_start|>"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -52,6 +55,16 @@ class PreparedPrompt:
         grid = torch.tensor(row["image_grid_thw"], dtype=torch.long).view(-1, 3)
         pixels = torch.frombuffer(bytearray(row["pixel_values"]), dtype=DTYPES[row["pixel_dtype"]])
         return cls(torch.tensor(row["input_ids"], dtype=torch.long), pixels.view(int(grid.prod(-1).sum()), -1), grid)
+
+
+@dataclass
+class TrainingPrompt:
+    """A training example's model inputs: `prompt` holds the prompt, the generation header and the
+    answer turn; the answer turn (the answer and the template's end of turn) starts at
+    `answer_start`, so everything before it is what inference sees."""
+
+    prompt: PreparedPrompt
+    answer_start: int
 
 
 class PromptBuilder:
@@ -109,7 +122,50 @@ class PromptBuilder:
         """Token ids of `text`; `as_text`: special-token strings are split into ordinary tokens."""
         return self.tokenizer(text, add_special_tokens=False, split_special_tokens=as_text)["input_ids"]
 
+    def training_token_ids(self, n_images: int, question: str, answer: str) -> tuple[list[int], int]:
+        """The ids of a conversation that ends with the assistant's `answer`, and where the answer
+        turn starts. Question and answer are tokenized as plain text, as in `token_ids`.
+
+        The answer turn starts where the release's collator starts its labels: three tokens after
+        the last `<|im_start|>` (`<|im_start|>assistant\\n` in Qwen's tokenizer, where that is
+        exactly inference's generation header; a tokenizer that splits `assistant` starts it
+        inside the header, and so does the release)."""
+        conversation = self.tokenizer.apply_chat_template(
+            [
+                {"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": QUESTION_SLOT}]},
+                {"role": "assistant", "content": ANSWER_SLOT},
+            ],
+            tokenize=False,
+        )
+        before, rest = conversation.split(QUESTION_SLOT)
+        header, tail = rest.split(ANSWER_SLOT)
+        ids = (
+            self.tokens(before)
+            + self.tokens(question, as_text=True)
+            + self.tokens(header)
+            + self.tokens(answer, as_text=True)
+            + self.tokens(tail)
+        )
+        turn_start = self.tokenizer.convert_tokens_to_ids(TURN_START)
+        if turn_start not in ids:
+            raise RequestError(f"the chat template renders no {TURN_START} before the answer")
+        last_turn = len(ids) - 1 - ids[::-1].index(turn_start)
+        return ids, min(last_turn + 3, len(ids))
+
     def __call__(self, images: list[Image.Image], question: str) -> PreparedPrompt:
+        pixels, grid = self._vision(images)
+        return PreparedPrompt(self._expand(self.token_ids(len(images), question), grid), pixels, grid)
+
+    def training(self, images: list[Image.Image], question: str, answer: str) -> TrainingPrompt:
+        """Inputs to train on: the conversation with `answer` as the assistant's turn."""
+        pixels, grid = self._vision(images)
+        ids, answer_start = self.training_token_ids(len(images), question, answer)
+        expanded = self._expand(ids, grid)
+        shift = len(expanded) - len(ids)  # image pads come before the answer
+        return TrainingPrompt(PreparedPrompt(expanded, pixels, grid), answer_start + shift)
+
+    def _vision(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patches and grids of `images`."""
         if not images:
             raise RequestError("a request needs at least one image")
         try:
@@ -117,8 +173,10 @@ class PromptBuilder:
         except ValueError as e:  # e.g. an aspect ratio over 200 that cannot be resized to patches
             sizes = [im.size for im in images]
             raise RequestError(f"image(s) of size {sizes} cannot be prepared: {e}") from e
-        grid = vision["image_grid_thw"]
-        ids = self.token_ids(len(images), question)
+        return vision["pixel_values"], vision["image_grid_thw"]
+
+    def _expand(self, ids: list[int], grid: torch.Tensor) -> torch.Tensor:
+        """`ids` with each image pad repeated to its image's merged-token count."""
         per_image = (grid.prod(-1) // self.merge_size**2).tolist()
         if ids.count(self.image_token_id) != len(per_image):
             raise RequestError(
@@ -127,4 +185,4 @@ class PromptBuilder:
         expanded, counts = [], iter(per_image)
         for token in ids:
             expanded.extend([token] * next(counts) if token == self.image_token_id else [token])
-        return PreparedPrompt(torch.tensor(expanded, dtype=torch.long), vision["pixel_values"], grid)
+        return torch.tensor(expanded, dtype=torch.long)

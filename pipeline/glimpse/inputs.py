@@ -1,0 +1,50 @@
+"""A left-padded batch of prepared prompts as the decoder's inputs, vision tower run once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.glimpse.prompts import PreparedPrompt
+from pipeline.glimpse.vision import VisionFeatures, encode_images
+
+
+@dataclass
+class DecoderInputs:
+    """embeds [B, T, H] (image features at the image pads); positions [3, B, T] (M-RoPE);
+    valid [B, T] (False at padding); image [B, T] (True at image tokens); ids [B, T];
+    vision: the tower's features; grid [n_images, 3]."""
+
+    embeds: torch.Tensor
+    positions: torch.Tensor
+    valid: torch.Tensor
+    image: torch.Tensor
+    ids: torch.Tensor
+    vision: VisionFeatures
+    grid: torch.Tensor
+
+
+def decoder_inputs(model, prompts: list[PreparedPrompt], pad_token_id: int, blocks: list[int]) -> DecoderInputs:
+    """Left-pads `prompts`, runs the vision tower (keeping `blocks` for the VIP) and scatters its
+    features into the text embeddings of `model` (a Qwen2.5-VL ForConditionalGeneration)."""
+    device = model.device
+    length = max(len(p.input_ids) for p in prompts)
+    ids = torch.full((len(prompts), length), pad_token_id, dtype=torch.long)
+    valid = torch.zeros((len(prompts), length), dtype=torch.bool)
+    for row, p in enumerate(prompts):
+        ids[row, length - len(p.input_ids) :] = p.input_ids
+        valid[row, length - len(p.input_ids) :] = True
+    ids, valid = ids.to(device), valid.to(device)
+    image = (ids == model.config.image_token_id) & valid
+    grid = torch.cat([p.image_grid_thw for p in prompts]).to(device)
+    vision = encode_images(model.model.visual, torch.cat([p.pixel_values for p in prompts]).to(device), grid, blocks)
+    if int(image.sum()) != vision.merged.shape[0]:
+        raise ValueError(f"{int(image.sum())} image tokens but {vision.merged.shape[0]} image features")
+    embeds = model.model.language_model.embed_tokens(ids)
+    embeds[image] = vision.merged.to(embeds.dtype)
+    # transformers 5.x needs mm_token_type_ids for M-RoPE; without it positions are silently 1-D.
+    positions, _ = model.model.get_rope_index(
+        ids, mm_token_type_ids=image.int(), image_grid_thw=grid, attention_mask=valid.long()
+    )
+    return DecoderInputs(embeds, positions, valid, image, ids, vision, grid)
