@@ -7,7 +7,7 @@ import sys
 from types import UnionType
 from typing import Literal, NoReturn, Union, get_args, get_origin
 
-from pipeline.config import JobConfig
+from pipeline.config import JobConfig, Options
 
 STORAGE_FLAGS = {"s3_endpoint_url": "endpoint_url", "s3_region": "region", "s3_anon": "anon"}
 
@@ -70,9 +70,14 @@ class JobArgumentParser(argparse.ArgumentParser):
 
 
 def add_job_options(parser: argparse.ArgumentParser) -> None:
+    add_config_options(parser, JobConfig, OPTION_GROUPS)
+
+
+def add_config_options(parser: argparse.ArgumentParser, config: type[Options], groups: dict) -> None:
+    """`--config YAML`, one option per field of `config` in `groups`, and the storage options."""
     parser.add_argument("--config", metavar="YAML", help="job options from a YAML file; the command line wins")
-    fields = JobConfig.model_fields
-    for title, names in OPTION_GROUPS.items():
+    fields = config.model_fields
+    for title, names in groups.items():
         group = parser.add_argument_group(title)
         for name in names:
             field = fields[name]
@@ -99,15 +104,19 @@ def storage_overrides(args: argparse.Namespace) -> dict:
 
 
 def job_config(args: argparse.Namespace) -> JobConfig:
+    return config_from_args(args, JobConfig)
+
+
+def config_from_args(args: argparse.Namespace, config: type[Options]):
     """YAML (if any) overlaid with the options given."""
-    given = {name: getattr(args, name) for name in JobConfig.model_fields if getattr(args, name, None) is not None}
+    given = {name: getattr(args, name) for name in config.model_fields if getattr(args, name, None) is not None}
     storage = storage_overrides(args)
     if args.config:
-        config = JobConfig.from_yaml(args.config, **given)
+        loaded = config.from_yaml(args.config, **given)
         if storage:
-            config = config.model_copy(update={"storage": config.storage.model_copy(update=storage)})
-        return config
-    return JobConfig.validated({**given, "storage": storage})
+            loaded = loaded.model_copy(update={"storage": loaded.storage.model_copy(update=storage)})
+        return loaded
+    return config.validated({**given, "storage": storage})
 
 
 def error(message: str, code: int = 2) -> int:

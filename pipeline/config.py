@@ -16,7 +16,41 @@ DEFAULT_PROMPT = "Describe the image."
 SAMPLES_DIR = Path(__file__).parent / "samples"
 
 
-class JobConfig(BaseModel):
+class Options(BaseModel):
+    """Typed options a job reads from YAML and the command line, checked with errors that name
+    each option and never quote its value."""
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides):
+        """The YAML's options overlaid with `overrides`. Errors never quote the file's values:
+        a mis-indented secret must not end up in a terminal or a log."""
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as e:
+            raise ValueError(f"cannot read the config file {path}: {e.strerror}") from None
+        except yaml.MarkedYAMLError as e:
+            where = f" at line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1}" if e.problem_mark else ""
+            raise ValueError(f"{path} is not valid YAML{where}: {e.problem}") from None
+        except yaml.YAMLError:
+            raise ValueError(f"{path} is not valid YAML") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a mapping of job options")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.validated(data, source=str(path))
+
+    @classmethod
+    def validated(cls, data: dict, source: str = "the job options"):
+        """model_validate, with errors that name each option and what is wrong, never its value."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            problems = [_problem(error) for error in e.errors(include_url=False, include_input=False)]
+            raise ValueError(f"{source}: " + "; ".join(problems)) from None
+
+
+class JobConfig(Options):
     """A VQA / captioning job. Exactly one input (manifest, images prefix, dataset) or none: the
     bundled sample images. No model: a tiny random-weight one is built in `tiny_model_dir`."""
 
@@ -154,35 +188,6 @@ class JobConfig(BaseModel):
             if getattr(self, f"{name}_revision") and not getattr(self, name):
                 raise ValueError(f"{name}_revision needs {name}")
         return self
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, **overrides) -> JobConfig:
-        """The YAML's options overlaid with `overrides`. Errors never quote the file's values:
-        a mis-indented secret must not end up in a terminal or a log."""
-        import yaml
-
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as e:
-            raise ValueError(f"cannot read the config file {path}: {e.strerror}") from None
-        except yaml.MarkedYAMLError as e:
-            where = f" at line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1}" if e.problem_mark else ""
-            raise ValueError(f"{path} is not valid YAML{where}: {e.problem}") from None
-        except yaml.YAMLError:
-            raise ValueError(f"{path} is not valid YAML") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a mapping of job options")
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.validated(data, source=str(path))
-
-    @classmethod
-    def validated(cls, data: dict, source: str = "the job options") -> JobConfig:
-        """model_validate, with errors that name each option and what is wrong, never its value."""
-        try:
-            return cls.model_validate(data)
-        except ValidationError as e:
-            problems = [_problem(error) for error in e.errors(include_url=False, include_input=False)]
-            raise ValueError(f"{source}: " + "; ".join(problems)) from None
 
 
 def _problem(error: dict) -> str:

@@ -64,16 +64,18 @@ def normalize_manifest(batch: pa.Table) -> pa.Table:
 
 def parse_json_lines(batch: pa.Table) -> pa.Table:
     """JSON Lines (Ray's `text` column) → MANIFEST_SCHEMA rows. Numbers keep their written form."""
-    rows = []
-    for line in batch.column("text").to_pylist():
-        try:
-            row = json.loads(line, parse_int=JsonNumber, parse_float=JsonNumber, parse_constant=JsonNumber)
-        except ValueError as e:
-            row = {"error": f"a manifest line is not JSON ({e}): {line[:80]!r}"}
-        if not isinstance(row, dict):
-            row = {"error": f"a manifest line is not a JSON object: {line[:80]!r}"}
-        rows.append(normalize_row(row))
-    return align(rows, MANIFEST_SCHEMA)
+    return align([normalize_row(parse_json_line(line)) for line in batch.column("text").to_pylist()], MANIFEST_SCHEMA)
+
+
+def parse_json_line(line: str) -> dict:
+    """One manifest line as a dict, numbers as written (JsonNumber); a bad line as {"error": …}."""
+    try:
+        row = json.loads(line, parse_int=JsonNumber, parse_float=JsonNumber, parse_constant=JsonNumber)
+    except ValueError as e:
+        return {"error": f"a manifest line is not JSON ({e}): {line[:80]!r}"}
+    if not isinstance(row, dict):
+        return {"error": f"a manifest line is not a JSON object: {line[:80]!r}"}
+    return row
 
 
 class JsonNumber(str):
@@ -225,23 +227,35 @@ def manifest_ids(config: JobConfig) -> list[tuple[str, list[str], str | None]]:
 def manifest_table(uri: str, storage: StorageOptions) -> pa.Table:
     """The whole manifest (a file, or a folder of files of one format) as MANIFEST_SCHEMA rows,
     read with pyarrow alone, as the job's Ray reader reads it."""
+    return align([normalize_row(row) for row in _raw_rows(uri, storage, ())], MANIFEST_SCHEMA)
+
+
+def manifest_records(uri: str, storage: StorageOptions, extra_columns: tuple[str, ...]) -> list[dict]:
+    """Every manifest row as `normalize_row` gives it, plus the values of `extra_columns` as read
+    (JSON numbers as written, CSV cells as text): a training manifest's answers and boxes."""
+    return [
+        normalize_row(row) | {c: row.get(c) for c in extra_columns} for row in _raw_rows(uri, storage, extra_columns)
+    ]
+
+
+def _raw_rows(uri: str, storage: StorageOptions, extra_columns: tuple[str, ...]) -> list[dict]:
     import pyarrow.dataset
 
     fs, path = pyarrow_filesystem(uri, storage)
     suffix = manifest_format(uri)
     if suffix in (".jsonl", ".json"):
-        lines = []
+        rows = []
         for name in _files(fs, path):
             with fs.open_input_stream(name) as f:
-                lines += [line for line in f.read().decode("utf-8").splitlines() if line.strip()]
-        return parse_json_lines(pa.table({"text": pa.array(lines, pa.string())}))
+                rows += [parse_json_line(line) for line in f.read().decode("utf-8").splitlines() if line.strip()]
+        return rows
     if suffix == ".csv":
-        form = pyarrow.dataset.CsvFileFormat(convert_options=csv_as_text())
+        form = pyarrow.dataset.CsvFileFormat(convert_options=csv_as_text(extra_columns))
     else:
         form = pyarrow.dataset.ParquetFileFormat()
     data = pyarrow.dataset.dataset(path, filesystem=fs, format=form)
-    columns = [name for name in TEXT_COLUMNS if name in data.schema.names]
-    return normalize_manifest(data.to_table(columns=columns))
+    columns = [name for name in (*TEXT_COLUMNS, *extra_columns) if name in data.schema.names]
+    return data.to_table(columns=columns).to_pylist()
 
 
 def _files(fs, path: str) -> list[str]:
@@ -267,12 +281,12 @@ def manifest_format(uri: str) -> str:
     return suffix
 
 
-def csv_as_text():
+def csv_as_text(extra_columns: tuple[str, ...] = ()):
     """pyarrow CSV options reading the manifest columns as text; empty cells are nulls."""
     import pyarrow.csv
 
     return pyarrow.csv.ConvertOptions(
-        column_types={name: pa.string() for name in TEXT_COLUMNS}, strings_can_be_null=True
+        column_types={name: pa.string() for name in (*TEXT_COLUMNS, *extra_columns)}, strings_can_be_null=True
     )
 
 

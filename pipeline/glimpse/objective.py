@@ -110,6 +110,10 @@ class GlimpseObjective(nn.Module):
         self.weights = weights or LossWeights()
 
     def forward(self, examples: list[Example]) -> ObjectiveOutput:
+        if not examples:
+            # A data-parallel worker whose rows all failed still joins the step's gradient sync.
+            zero = sum(p.sum() for p in self.glimpse.parameters()) * 0.0
+            return ObjectiveOutput(zero, zero, zero, [], [])
         model, config = self.base.model, self.glimpse.config
         _require_one_image(examples)
         language_model = model.model.language_model

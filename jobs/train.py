@@ -1,0 +1,112 @@
+"""Train GlimpsePrune's modules on Ray Train: `python -m jobs.train --manifest URI --model M --output DIR ...`.
+
+Only the glimpse embeddings and the VIP train; the base model is frozen. Rerun the same command
+after an interruption and it resumes from the last checkpoint in OUTPUT/checkpoints. Exit status:
+0 trained; 1 the run failed; 2 refused before training (bad options, data, model or output);
+130 interrupted (rerun the same command to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from jobs.cli import JobArgumentParser, add_config_options, config_from_args, error
+from jobs.vqa import INTERRUPTED, root_cause
+from pipeline.training.config import TrainConfig
+
+OPTION_GROUPS = {
+    "input": ("manifest", "dataset", "image_column", "id_column", "min_pixels", "max_pixels"),
+    "model and modules": (
+        "model",
+        "model_revision",
+        "init_glimpse",
+        "fresh",
+        "layer",
+        "vision_blocks",
+        "fuse_size",
+        "cond_size",
+        "vip_heads",
+        "dtype",
+        "attn",
+    ),
+    "recipe": (
+        "steps",
+        "batch_size",
+        "grad_accum",
+        "lr",
+        "warmup_ratio",
+        "weight_decay",
+        "max_grad_norm",
+        "loc_weight",
+        "dice_weight",
+        "bce_weight",
+        "le_weight",
+        "seed",
+    ),
+    "resources": ("num_workers", "use_gpu", "prepare_batch_size", "max_image_bytes", "max_image_pixels"),
+    "output": ("output", "log_every", "checkpoint_every", "keep_checkpoints"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = JobArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n")[0])
+    add_config_options(parser, TrainConfig, OPTION_GROUPS)
+    run = parser.add_argument_group("this run")
+    run.add_argument(
+        "--ray-address",
+        help="Ray cluster to join (default: RAY_ADDRESS if set, else a local Ray started for this job)",
+    )
+    run.add_argument("-v", "--verbose", action="store_true", help="show Ray's own INFO and WARNING lines")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("pipeline").setLevel(logging.INFO)
+    try:
+        return train(args)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return INTERRUPTED
+
+
+def train(args: argparse.Namespace) -> int:
+    from pipeline.checkpoints import CheckpointError
+    from pipeline.cluster import ClusterError, start_ray
+    from pipeline.glimpse.errors import GlimpseConfigError
+    from pipeline.storage import UnsupportedURI
+    from pipeline.training.run import check, run
+
+    try:
+        config = config_from_args(args, TrainConfig)
+        checked = check(config)
+    except (ValueError, CheckpointError, GlimpseConfigError, UnsupportedURI, OSError) as e:
+        return error(f"{e}" if not isinstance(e, OSError) else f"{type(e).__name__}: {e}")
+    try:
+        logs = start_ray(args.ray_address, args.verbose)
+    except ClusterError as e:
+        return error(str(e))
+    try:
+        summary = run(config, checked)
+    except Exception as e:
+        if args.verbose:
+            raise
+        where = logs or "the Ray session's log directory"
+        return error(f"training failed: {root_cause(e)} (rerun with -v for Ray's output; logs in {where})", 1)
+    final = summary["final"] or {}
+    print(
+        f"trained {summary['steps']} steps on {summary['examples_consumed']} examples "
+        f"({summary['epochs']:.2f} epochs of {summary['rows']} rows); last window: loss {final.get('loss')}, "
+        f"kept {final.get('keep_ratio')}, IoU with the boxes {final.get('iou')}; "
+        f"modules in {summary['glimpse']}"
+    )
+    if summary["failed_rows"]:
+        print(f"{summary['failed_rows']} rows could not be prepared and were skipped (see _train_summary.json)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

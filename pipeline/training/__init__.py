@@ -1,0 +1,1 @@
+"""Training GlimpsePrune's modules (glimpse embeddings and the VIP) on Ray Train."""

@@ -1,0 +1,262 @@
+"""The training job on the driver: check everything before Ray, resume where the last run stopped,
+run Ray Train, then publish the modules and a summary.
+
+OUTPUT/
+  checkpoints/          Ray Train's storage: step_<n>/ (glimpse/ + state.pt), kept keep_checkpoints
+  glimpse/              the published format (config.json + new_modules_gp.pt), written at the end
+  _train_config.json    the settings a rerun must share to resume
+  _train_summary.json   steps, examples, loss parts and box metrics over the run, failed rows
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from pipeline.checkpoints import Checkpoint, resolve_checkpoint
+from pipeline.glimpse.config import GlimpseConfig
+from pipeline.glimpse.modules import check_fits
+from pipeline.storage import filesystem_for, protocol_of, pyarrow_filesystem
+from pipeline.training.config import TrainConfig
+from pipeline.training.data import ordered_dataset, prepare_training_batch, training_rows
+from pipeline.training.loop import MODULES_DIR, STATE_FILE, train_worker
+
+log = logging.getLogger("pipeline.training")
+
+RUN_NAME = "checkpoints"
+CONFIG_FILE = "_train_config.json"
+SUMMARY_FILE = "_train_summary.json"
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of its checkpoints
+# Settings that fix the data order, the schedule and the modules' shape: a resumed run keeps them.
+RESUME_KEYS = (
+    "manifest", "dataset", "model", "model_revision", "init_glimpse", "fresh", "layer", "vision_blocks",
+    "fuse_size", "cond_size", "vip_heads", "steps", "batch_size", "grad_accum", "num_workers", "lr",
+    "warmup_ratio", "weight_decay", "seed",
+)  # fmt: skip
+
+
+class TrainingError(ValueError):
+    """The run cannot start as asked (one line, for the user)."""
+
+
+@dataclass
+class Checked:
+    """What the checks before Ray found: the base model, the modules to start from, the rows."""
+
+    model: Checkpoint
+    init_glimpse: Checkpoint | None
+    rows: pa.Table
+
+
+def check(config: TrainConfig) -> Checked:
+    """Everything that can be checked before Ray starts, cheapest first."""
+    from transformers import AutoConfig
+
+    _check_output(config)
+    rows = training_rows(config.manifest, config.dataset, config.storage, config.id_column)
+    model = resolve_checkpoint(config.model, config.model_revision, config.storage, role="model")
+    init = None
+    if config.init_glimpse:
+        init = resolve_checkpoint(config.init_glimpse, None, config.storage, role="glimpse")
+        model_config = AutoConfig.from_pretrained(model.local_dir(config.storage))
+        check_fits(GlimpseConfig.load(init.local_dir(config.storage)), model_config)
+    _check_resumable(config)
+    return Checked(model, init, rows)
+
+
+def _check_output(config: TrainConfig) -> None:
+    fs, path = filesystem_for(config.output, config.storage)
+    if fs.exists(path) and not fs.isdir(path):
+        raise TrainingError(f"--output {config.output} is a file, not a directory")
+
+
+def _check_resumable(config: TrainConfig) -> None:
+    """A rerun into the same output resumes it, so it must be the same run."""
+    fs, path = filesystem_for(config.output, config.storage)
+    saved_path = f"{path.rstrip('/')}/{CONFIG_FILE}"
+    if not fs.exists(saved_path):
+        return
+    saved = json.loads(fs.cat_file(saved_path))
+    ours = _resume_settings(config)
+    changed = [f"{key}: {saved.get(key)!r} → {ours[key]!r}" for key in RESUME_KEYS if saved.get(key) != ours[key]]
+    if changed:
+        raise TrainingError(
+            f"{config.output} holds a run with other settings ({'; '.join(changed)}); rerun with the same "
+            "settings to resume it, or give another --output"
+        )
+
+
+def _resume_settings(config: TrainConfig) -> dict:
+    return {key: getattr(config, key) for key in RESUME_KEYS}
+
+
+def run(config: TrainConfig, checked: Checked) -> dict:
+    """Trains (resuming from the latest checkpoint in OUTPUT, if any), writes OUTPUT/glimpse and
+    the summary; returns the summary."""
+    import ray
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
+
+    fs, root = filesystem_for(config.output, config.storage)
+    fs.makedirs(root, exist_ok=True)
+    fs.pipe_file(f"{root.rstrip('/')}/{CONFIG_FILE}", json.dumps(_resume_settings(config), indent=2).encode())
+    step, start = resume_point(config)
+    total = config.steps * config.rows_per_step
+    started = time.time()
+    if step < config.steps:
+        if step:
+            log.info(f"resuming at step {step} of {config.steps} ({start} examples consumed)")
+        dataset = ordered_dataset(checked.rows, start, total, config.seed, config.prepare_batch_size).map_batches(
+            prepare_training_batch,
+            batch_format="pyarrow",
+            batch_size=config.prepare_batch_size,
+            num_cpus=0.5,
+            fn_kwargs=dict(
+                model=checked.model,
+                storage=config.storage,
+                dataset=config.dataset,
+                image_column=config.image_column,
+                min_pixels=config.min_pixels,
+                max_pixels=config.max_pixels,
+                max_image_bytes=config.max_image_bytes,
+                max_image_pixels=config.max_image_pixels,
+                pixel_dtype=config.model_dtype(config.use_gpu),
+            ),
+        )
+        progress = Queue()
+        printer = threading.Thread(target=_print_progress, args=(progress, config.steps), daemon=True)
+        printer.start()
+        storage_fs, storage_path = _train_storage(config)
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={
+                "config": config.model_dump(mode="python"),
+                "model": checked.model,
+                "init_glimpse": checked.init_glimpse,
+                "start": start,
+                "progress": progress,
+            },
+            scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu),
+            run_config=RunConfig(
+                name=RUN_NAME,
+                storage_path=storage_path,
+                storage_filesystem=storage_fs,
+                checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
+                failure_config=FailureConfig(max_failures=0),
+            ),
+            datasets={"train": dataset},
+            dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+        )
+        try:
+            trainer.fit()
+        finally:
+            progress.put(None)
+            printer.join(timeout=5)
+            ray.kill(progress.actor)
+    return publish(config, checked, time.time() - started)
+
+
+def _train_storage(config: TrainConfig):
+    """Ray Train's storage for OUTPUT: a local directory, or a filesystem and path for a URI."""
+    if protocol_of(config.output) == "file":
+        return None, str(Path(config.output.removeprefix("file://")).expanduser().resolve())
+    fs, path = pyarrow_filesystem(config.output, config.storage)
+    return fs, path
+
+
+def resume_point(config: TrainConfig) -> tuple[int, int]:
+    """(step, examples consumed) of the latest checkpoint Ray Train recorded in OUTPUT, or (0, 0)."""
+    snapshot = _snapshot(config)
+    latest = (snapshot or {}).get("latest_checkpoint_result")
+    if not latest:
+        return 0, 0
+    metrics = latest.get("metrics") or {}
+    return int(metrics["step"]), int(metrics["examples_consumed"])
+
+
+def _snapshot(config: TrainConfig) -> dict | None:
+    fs, root = filesystem_for(config.output, config.storage)
+    path = f"{root.rstrip('/')}/{RUN_NAME}/{SNAPSHOT_FILE}"
+    if not fs.exists(path):
+        return None
+    snapshot = json.loads(fs.cat_file(path))
+    # Ray Train stores its state as JSON text inside the file in some versions.
+    return json.loads(snapshot) if isinstance(snapshot, str) else snapshot
+
+
+def _print_progress(queue, steps: int) -> None:
+    while (metrics := queue.get()) is not None:
+        log.info(progress_line(metrics, steps))
+
+
+def progress_line(m: dict, steps: int) -> str:
+    return (
+        f"step {m['step']}/{steps} · loss {m['loss']:.4f} (loc {m['loc_loss']:.4f}, le {m['le_loss']:.4f}) · "
+        f"kept {m['keep_ratio']:.1%} · recall {m['recall']:.2f} precision {m['precision']:.2f} "
+        f"IoU {m['iou']:.2f} · lr {m['lr']:.2e} · {m['examples_consumed']} examples"
+        + (f" · {m['failed_rows']} rows failed" if m["failed_rows"] else "")
+    )
+
+
+def publish(config: TrainConfig, checked: Checked, seconds: float) -> dict:
+    """Copies the latest checkpoint's modules to OUTPUT/glimpse and writes the summary."""
+    import torch
+
+    fs, root = filesystem_for(config.output, config.storage)
+    root = root.rstrip("/")
+    latest = _latest_checkpoint_dir(config)
+    if latest is None:
+        raise TrainingError(f"no checkpoint under {config.output}/{RUN_NAME}: the run saved none")
+    with tempfile.TemporaryDirectory() as scratch:
+        fs.get(f"{root}/{RUN_NAME}/{latest}", scratch, recursive=True)
+        local = Path(scratch)
+        if not (local / STATE_FILE).exists():  # fsspec copies into scratch/<name> when scratch exists
+            local = local / latest
+        state = torch.load(local / STATE_FILE, map_location="cpu", weights_only=False)
+        fs.put(str(local / MODULES_DIR), f"{root}/{MODULES_DIR}", recursive=True)
+    history = state["history"]
+    summary = {
+        "steps": state["step"],
+        "examples_consumed": state["examples_consumed"],
+        "rows": checked.rows.num_rows,
+        "epochs": state["examples_consumed"] / checked.rows.num_rows,
+        "failed_rows": state["failed_count"],
+        "failed_examples": [{"id": i, "error": e} for i, e in state["failed"]],
+        "first": history[0] if history else None,
+        "final": history[-1] if history else None,
+        "history": history,
+        "seconds_this_run": seconds,
+        "model": checked.model.lineage(),
+        "init": checked.init_glimpse.lineage() if checked.init_glimpse else "fresh",
+        "glimpse": f"{config.output.rstrip('/')}/{MODULES_DIR}",
+        "checkpoint": f"{config.output.rstrip('/')}/{RUN_NAME}/{latest}",
+        "config": json.loads(config.model_dump_json(exclude={"storage"})),
+    }
+    fs.pipe_file(f"{root}/{SUMMARY_FILE}", json.dumps(_finite(summary), indent=2).encode())
+    return summary
+
+
+def _latest_checkpoint_dir(config: TrainConfig) -> str | None:
+    latest = ((_snapshot(config) or {}).get("latest_checkpoint_result")) or {}
+    return latest.get("checkpoint_dir_name")
+
+
+def _finite(value):
+    """JSON has no NaN: metrics over an empty window become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
