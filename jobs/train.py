@@ -76,14 +76,14 @@ def main(argv: list[str] | None = None) -> int:
 def train(args: argparse.Namespace) -> int:
     from pipeline.checkpoints import CheckpointError
     from pipeline.cluster import ClusterError, start_ray
-    from pipeline.glimpse.errors import GlimpseConfigError
+    from pipeline.glimpse.errors import GlimpseError
     from pipeline.storage import UnsupportedURI
     from pipeline.training.run import check, run
 
     try:
         config = config_from_args(args, TrainConfig)
         checked = check(config)
-    except (ValueError, CheckpointError, GlimpseConfigError, UnsupportedURI, OSError) as e:
+    except (ValueError, CheckpointError, GlimpseError, UnsupportedURI, OSError) as e:
         return error(f"{e}" if not isinstance(e, OSError) else f"{type(e).__name__}: {e}")
     try:
         logs = start_ray(args.ray_address, args.verbose)

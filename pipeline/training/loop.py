@@ -41,7 +41,13 @@ class Window:
     tokens: int = 0
     true_positive: int = 0
     box_tokens: int = 0
+    first_position: int = 2**62  # the run's examples (rows in the run's order) this window read
+    last_position: int = -1
     failed: list[tuple[str, str]] = field(default_factory=list)
+
+    def read(self, positions: list[int]) -> None:
+        self.first_position = min(self.first_position, *positions)
+        self.last_position = max(self.last_position, *positions)
 
     def add(self, out: ObjectiveOutput, n: int) -> None:
         self.examples += n
@@ -63,17 +69,22 @@ class Window:
             dtype=torch.float64,
             device=device,
         )
+        span = torch.tensor([self.first_position, -self.last_position], dtype=torch.int64, device=device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(sums)
-        return sums.tolist()
+            torch.distributed.all_reduce(span, op=torch.distributed.ReduceOp.MIN)
+        first, last = span.tolist()
+        return sums.tolist() + [first, -last]
 
 
 def window_metrics(totals: list[float]) -> dict:
-    """Means per example, keep ratio, and the kept tokens' recall, precision and IoU against the boxes."""
-    n, loss, loc, le, kept, tokens, hit, box = totals
+    """Means per example, keep ratio, the kept tokens' recall, precision and IoU against the boxes,
+    and the first and last positions (in the run's order) of the examples read."""
+    n, loss, loc, le, kept, tokens, hit, box, first, last = totals
     union = kept + box - hit
     return {
         "examples": int(n),
+        "positions": [int(first), int(last)],
         "loss": loss / n if n else math.nan,
         "loc_loss": loc / n if n else math.nan,
         "le_loss": le / n if n else math.nan,
@@ -143,6 +154,7 @@ def train_worker(setup: dict) -> None:
     for batch in shard.iter_batches(batch_size=config.batch_size, batch_format="pyarrow"):
         good, bad = examples(batch.to_pylist())
         window.failed += bad
+        window.read(batch.column("position").to_pylist())
         last_micro = micro + 1 == config.grad_accum
         with nullcontext() if last_micro or not hasattr(objective, "no_sync") else objective.no_sync():
             out = objective(good)

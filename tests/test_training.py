@@ -1,0 +1,280 @@
+"""jobs.train end to end: real Ray Train on a local Ray, real files and a real S3 API (moto)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jobs import train as train_job
+from pipeline.synthetic.grounding import write_dataset
+from pipeline.training.data import parse_boxes, run_order
+from pipeline.training.recipe import default_layer, default_vision_blocks, fresh_modules, glimpse_config
+from tests.conftest import new_bucket
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["--fresh", "--fuse-size", "32", "--cond-size", "32", "--batch-size", "2", "--grad-accum", "1"]
+
+
+@pytest.fixture(scope="module")
+def grounding(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("grounding"), n=12, seed=3)
+
+
+def train_command(manifest, model, output, *extra) -> list[str]:
+    return [sys.executable, "-m", "jobs.train", "--manifest", str(manifest), "--model", str(model)] + [
+        "--output",
+        str(output),
+        *SMALL,
+        *extra,
+    ]
+
+
+def recorded_step(snapshot: Path) -> int:
+    """The step of the latest checkpoint Ray Train has recorded (its snapshot is JSON in a JSON string)."""
+    try:
+        state = json.loads(snapshot.read_text())
+        state = json.loads(state) if isinstance(state, str) else state
+        return state["latest_checkpoint_result"]["metrics"]["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint_and_publishes_loadable_modules(
+    grounding, tiny_checkpoint, tmp_path
+):
+    out = tmp_path / "run"
+    command = train_command(grounding, tiny_checkpoint / "base", out, "--steps", "30", "--checkpoint-every", "2")
+    command += ["--log-every", "1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    first = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    snapshot = out / "checkpoints" / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and first.poll() is None:
+        if recorded_step(snapshot) >= 4:
+            break
+        time.sleep(0.5)
+    assert first.poll() is None, f"the first run ended before its step-4 checkpoint:\n{first.stdout.read()}"
+    first.send_signal(signal.SIGINT)
+    first.communicate(timeout=60)
+
+    second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    resumed = [line for line in second.stderr.splitlines() if line.startswith("resuming at step")]
+    assert resumed, second.stderr[-2000:]
+    resumed_step = int(resumed[0].split()[3])
+    assert 4 <= resumed_step < 30
+
+    summary = json.loads((out / "_train_summary.json").read_text())
+    history = summary["history"]
+    assert [h["step"] for h in history] == list(range(1, 31))  # nothing repeated, nothing lost
+    assert summary["examples_consumed"] == 60 and summary["steps"] == 30
+    # The data position went on where the checkpoint left it: every example read exactly once, in order.
+    spans = [h["positions"] for h in history]
+    assert spans == [[2 * i, 2 * i + 1] for i in range(30)]
+    assert np.isfinite([h["loss"] for h in history]).all()
+    assert summary["init"] == "fresh" and summary["failed_rows"] == 0
+
+    # The published modules load in the engine and prune.
+    from PIL import Image
+
+    from pipeline.glimpse.engine import GlimpseEngine, Request
+
+    engine = GlimpseEngine.from_pretrained(tiny_checkpoint / "base", out / "glimpse")
+    row = json.loads(grounding.read_text().splitlines()[0])
+    with Image.open(row["image"]) as image:
+        (result,) = engine.generate([Request("r", [image.copy()], row["question"])], emit_masks=True)
+    assert result.pruned and len(result.kept_mask) == result.n_visual_tokens == 64
+
+
+def test_training_writes_checkpoints_and_modules_to_s3_and_the_vqa_job_loads_them(
+    grounding, tiny_checkpoint, tmp_path, s3, ray_session
+):
+    from pipeline.config import JobConfig
+    from pipeline.job import run as run_vqa
+    from pipeline.training.config import TrainConfig
+    from pipeline.training.run import check, run
+
+    storage, fs = s3
+    bucket = new_bucket(fs)
+    config = TrainConfig.validated(
+        dict(
+            manifest=str(grounding),
+            model=str(tiny_checkpoint / "base"),
+            output=f"s3://{bucket}/run",
+            fresh=True,
+            fuse_size=32,
+            cond_size=32,
+            batch_size=2,
+            grad_accum=1,
+            steps=2,
+            storage=storage,
+        )
+    )
+    summary = run(config, check(config))
+    assert summary["steps"] == 2
+    assert fs.exists(f"{bucket}/run/glimpse/new_modules_gp.pt") and fs.exists(f"{bucket}/run/glimpse/config.json")
+    assert fs.exists(f"{bucket}/run/checkpoints/step_00000002/state.pt")
+    assert json.loads(fs.cat_file(f"{bucket}/run/_train_summary.json"))["examples_consumed"] == 4
+
+    answered = run_vqa(
+        JobConfig.validated(
+            dict(
+                manifest=str(grounding),
+                model=str(tiny_checkpoint / "base"),
+                glimpse=f"s3://{bucket}/run/glimpse",
+                output=str(tmp_path / "answers"),
+                max_new_tokens=2,
+                storage=storage,
+            )
+        )
+    )
+    assert answered.rows == 12 and answered.rows_failed == 0 and answered.visual_tokens_kept < answered.visual_tokens
+
+
+def test_a_datasets_folder_trains_like_a_manifest(grounding, tiny_checkpoint, tmp_path, ray_session):
+    import datasets
+
+    from pipeline.training.config import TrainConfig
+    from pipeline.training.run import check, run
+
+    rows = [json.loads(line) for line in grounding.read_text().splitlines()][:4]
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "question": datasets.Value("string"),
+            "answer": datasets.Value("string"),
+            "boxes": datasets.Sequence(datasets.Sequence(datasets.Value("float64"))),
+        }
+    )
+    data = {key: [r[key] for r in rows] for key in ("image", "question", "answer", "boxes")}
+    datasets.Dataset.from_dict(data, features=features).save_to_disk(str(tmp_path / "ds"))
+    config = TrainConfig.validated(
+        dict(
+            dataset=str(tmp_path / "ds"),
+            model=str(tiny_checkpoint / "base"),
+            output=str(tmp_path / "out"),
+            fresh=True,
+            fuse_size=32,
+            cond_size=32,
+            batch_size=2,
+            grad_accum=1,
+            steps=2,
+        )
+    )
+    summary = run(config, check(config))
+    assert summary["rows"] == 4 and summary["examples_consumed"] == 4 and summary["failed_rows"] == 0
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (["--init-glimpse", "X"], "init_glimpse (modules to start from) or fresh"),
+        (["--steps", "0"], "steps"),
+        (["--layer", "1", "--no-fresh", "--init-glimpse", "{fixture}"], "shape fresh modules only"),
+        (["--loc-weight", "0", "--le-weight", "0"], "nothing to train"),
+        (["--vision-blocks", "3;1"], "vision_blocks"),
+        (["--steps", "4", "--stepz", "3"], "unrecognized arguments: --stepz"),
+    ],
+)
+def test_option_mistakes_are_one_line_and_exit_2(grounding, tiny_checkpoint, tmp_path, capsys, change, message):
+    from tests.conftest import FIXTURE
+
+    change = [c.replace("{fixture}", str(FIXTURE / "glimpse")) for c in change]
+    args = ["--manifest", str(grounding), "--model", str(tiny_checkpoint / "base"), "--output", str(tmp_path)]
+    args += ["--fresh", "--steps", "2", *change]
+    try:
+        code = train_job.main(args)
+    except SystemExit as e:  # argparse's own refusals
+        code = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_rows_that_cannot_be_trained_on_refuse_the_run_naming_them(tiny_checkpoint, tmp_path, capsys):
+    rows = [
+        {"id": "ok", "image": "/x.png", "question": "where", "answer": "here", "boxes": [[0, 0, 1, 1]]},
+        {"id": "no-answer", "image": "/x.png", "question": "where", "boxes": [[0, 0, 1, 1]]},
+        {"id": "outside", "image": "/x.png", "question": "q", "answer": "a", "boxes": [[0, 0, 1.5, 1]]},
+        {"id": "flipped", "image": "/x.png", "question": "q", "answer": "a", "boxes": [[0.5, 0, 0.2, 1]]},
+        {"id": "two", "images": ["/x.png", "/y.png"], "question": "q", "answer": "a", "boxes": [[0, 0, 1, 1]]},
+    ]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in rows))
+    args = ["--manifest", str(manifest), "--model", str(tiny_checkpoint / "base"), "--output", str(tmp_path / "o")]
+    assert train_job.main([*args, "--fresh", "--steps", "1"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "4 of 5 rows" in line
+    for name in ("no-answer", "outside", "flipped", "two"):
+        assert name in line
+
+
+def test_a_rerun_with_other_settings_is_refused_rather_than_mixed_in(grounding, tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "_train_config.json").write_text(json.dumps({"steps": 3, "manifest": str(grounding)}))
+    args = ["--manifest", str(grounding), "--model", str(tiny_checkpoint / "base"), "--output", str(out)]
+    assert train_job.main([*args, "--fresh", "--steps", "5"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "other settings" in line and "steps: 3 → 5" in line
+
+
+def test_modules_that_do_not_fit_the_model_are_refused_before_ray(grounding, tiny_checkpoint, tmp_path, capsys):
+    from tests.conftest import FIXTURE
+
+    args = ["--manifest", str(grounding), "--model", str(tiny_checkpoint / "base"), "--output", str(tmp_path)]
+    assert train_job.main([*args, "--init-glimpse", str(FIXTURE / "glimpse"), "--steps", "1"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "do not fit the model" in line
+
+
+def test_the_run_order_is_seeded_epochs_and_a_resume_continues_it():
+    whole = run_order(5, 0, 12, seed=1)
+    assert len(whole) == 12
+    for epoch in (whole[:5], whole[5:10]):
+        assert sorted(epoch) == list(range(5))
+    assert not np.array_equal(whole[:5], whole[5:10])
+    assert np.array_equal(run_order(5, 7, 12, seed=1), whole[7:])
+    assert np.array_equal(run_order(5, 0, 12, seed=1), whole)
+
+
+def test_boxes_are_parsed_from_lists_json_and_json_numbers():
+    from pipeline.sources import InvalidRow, JsonNumber
+
+    assert parse_boxes([[0, 0.5, 1, 1]]) == [[0.0, 0.5, 1.0, 1.0]]
+    assert parse_boxes("[[0.1, 0.2, 0.3, 0.4]]") == [[0.1, 0.2, 0.3, 0.4]]
+    assert parse_boxes([[JsonNumber("0"), JsonNumber("0"), JsonNumber("1e0"), JsonNumber("1")]]) == [[0, 0, 1, 1]]
+    for bad in (None, [], "not json", [[0, 0, 1]], [["a", 0, 1, 1]], [[0, 0, 2, 1]], [[0.6, 0, 0.5, 1]]):
+        with pytest.raises(InvalidRow):
+            parse_boxes(bad)
+
+
+def test_fresh_modules_follow_the_published_shapes_and_the_release_init():
+    from transformers import Qwen2_5_VLConfig
+
+    assert default_layer(28, 3584) == 18 and default_layer(36, 2048) == 23 and default_layer(4, 64) == 2
+    assert default_vision_blocks(32) == [31, 23, 15, 7]
+    config = Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2),
+        vision_config=dict(depth=4, hidden_size=32, num_heads=2, out_hidden_size=64),
+    )
+    glimpse = glimpse_config(config, fuse_size=32, cond_size=32)
+    assert glimpse.selected_layers == [2] and glimpse.reduce_layer == 2 and glimpse.le_layers == [0, 1, 2, 3]
+    assert glimpse.selected_visual_layers == [3, 2, 1, 0]
+    modules = fresh_modules(glimpse, seed=0)
+    params = dict(modules.named_parameters())
+    assert abs(params["learnable_embeddings"].std().item() - 0.02) < 0.005
+    assert (params["le_norm.weight"] == 1).all() and (params["attn_fuser.layers.0.norm1.weight"] == 1).all()
+    assert (params["le_proj.bias"] == 0).all() and (params["attn_fuser.attn_in_proj.bias"] == 0).all()
+    bound = (6 / (64 + 64)) ** 0.5  # Xavier-uniform for a 64 → 64 projection
+    assert params["le_proj.weight"].abs().max() <= bound and params["le_proj.weight"].std() > bound / 3
+    assert fresh_modules(glimpse, seed=0).learnable_embeddings.equal(modules.learnable_embeddings)
