@@ -24,6 +24,7 @@ OPTION_GROUPS = {
         "init_glimpse",
         "fresh",
         "layer",
+        "read_layers",
         "vision_blocks",
         "fuse_size",
         "cond_size",

@@ -98,3 +98,21 @@ def test_examples_with_two_images_are_refused(tiny):
         prompt = prompts.training([image, image], "where is the cat", "here")
     with pytest.raises(ValueError, match="exactly one image"):
         GlimpseObjective(model, modules, 0)([Example("x", prompt, [[0, 0, 1, 1]])])
+
+
+def test_the_training_job_puts_the_glimpse_where_inference_does(tiny):
+    """The release counts three tokens after the last <|im_start|>: the generation header in
+    Qwen's tokenizer, but inside it in the fixture's, which splits `assistant`. The training job
+    trains the glimpse at the end of the generation header, where inference puts it."""
+    _, prompts, _ = tiny
+    from PIL import Image
+
+    with Image.open(FIXTURE / "images" / "square.png") as image:
+        at_prompt_end = prompts.training([image], "where is the cat", "on the mat")
+        as_released = prompts.training([image], "where is the cat", "on the mat", "release")
+        inference = prompts([image], "where is the cat")
+    assert at_prompt_end.answer_start == len(inference.input_ids)
+    assert at_prompt_end.prompt.input_ids[: len(inference.input_ids)].equal(inference.input_ids)
+    assert as_released.answer_start < at_prompt_end.answer_start
+    with pytest.raises(ValueError, match="answer_start"):
+        prompts.training([image], "q", "a", "elsewhere")

@@ -278,3 +278,58 @@ def test_fresh_modules_follow_the_published_shapes_and_the_release_init():
     bound = (6 / (64 + 64)) ** 0.5  # Xavier-uniform for a 64 → 64 projection
     assert params["le_proj.weight"].abs().max() <= bound and params["le_proj.weight"].std() > bound / 3
     assert fresh_modules(glimpse, seed=0).learnable_embeddings.equal(modules.learnable_embeddings)
+
+
+def test_a_few_steps_on_cpu_teach_the_vip_to_keep_the_named_shape(tiny_checkpoint, tmp_path):
+    """A weaker, faster version of the README's proof: fresh modules, plain PyTorch steps of the
+    job's objective, then the engine's kept masks on held-out images overlap the target's box far
+    better than before."""
+    import torch
+    from PIL import Image
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from pipeline.glimpse.engine import GlimpseEngine, Request
+    from pipeline.glimpse.objective import Example, GlimpseObjective
+    from pipeline.glimpse.prompts import PromptBuilder
+    from pipeline.glimpse.sampling import SamplingParams
+    from pipeline.training.evaluate import score
+
+    torch.manual_seed(0)
+    base = tiny_checkpoint / "base"
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(base, dtype=torch.float32)
+    prompts = PromptBuilder.from_pretrained(base, model.config)
+    glimpse = glimpse_config(model.config, read_layers=[0, 1], fuse_size=32, cond_size=32)
+    modules = fresh_modules(glimpse, seed=0)
+
+    def load(manifest):
+        rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+        images = {}
+        for row in rows:
+            with Image.open(row["image"]) as image:
+                images[row["id"]] = image.copy()
+        return rows, images
+
+    def held_out_iou(rows, images):
+        modules.save(tmp_path / "modules")
+        engine = GlimpseEngine.from_pretrained(base, tmp_path / "modules")
+        requests = [Request(r["id"], [images[r["id"]]], r["question"], SamplingParams(max_new_tokens=1)) for r in rows]
+        results = [r.columns() for r in engine.generate(requests, emit_masks=True)]
+        return score(results, {r["id"]: r["boxes"] for r in rows}).iou
+
+    train_rows, train_images = load(write_dataset(tmp_path / "train", n=64, seed=21, distractors=0))
+    held_rows, held_images = load(write_dataset(tmp_path / "held", n=24, seed=22, distractors=0))
+    examples = [
+        Example(r["id"], prompts.training([train_images[r["id"]]], r["question"], r["answer"]), r["boxes"])
+        for r in train_rows
+    ]
+    before = held_out_iou(held_rows, held_images)
+    objective = GlimpseObjective(model, modules, prompts.tokenizer.pad_token_id or 0)
+    optimizer = torch.optim.AdamW(modules.parameters(), lr=1e-2)
+    for step in range(40):
+        batch = [examples[(step * 8 + i) % len(examples)] for i in range(8)]
+        objective(batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+    after = held_out_iou(held_rows, held_images)
+    assert before < 0.25 and after > before + 0.2, (before, after)

@@ -1,7 +1,8 @@
 """Answer a few requests without Ray: `python -m pipeline.glimpse --model DIR --requests cases.json --out out.jsonl`.
 
-cases.json is a list of {"id", "images": [paths relative to --root], "question"}, optionally with
-"max_new_tokens", "temperature", "top_p", "seed" per case. Each output line is one result.
+cases.json is a list of {"id", "images": [paths relative to --root], "question"} (or JSON lines of
+them; "image" for one image), optionally with "max_new_tokens", "temperature", "top_p", "seed" per
+case. Each output line is one result.
 """
 
 from __future__ import annotations
@@ -52,13 +53,16 @@ def load_requests(path: Path, root: Path, max_new_tokens: int, ignore_eos: bool 
     from pipeline.glimpse.sampling import SamplingParams
 
     try:
-        cases = json.loads(path.read_text())
+        text = path.read_text()
+        cases = json.loads(text) if path.suffix != ".jsonl" else [json.loads(x) for x in text.splitlines() if x.strip()]
     except (OSError, json.JSONDecodeError) as e:
         raise SystemExit(f"cannot read requests from {path}: {e}") from e
     if not isinstance(cases, list):
         raise SystemExit(f"{path} must hold a JSON list of cases, got {type(cases).__name__}")
     requests = []
     for n, case in enumerate(cases):
+        if "image" in case and "images" not in case:
+            case = {**case, "images": [case["image"]]}
         missing = {"id", "images", "question"} - set(case)
         if missing:
             raise SystemExit(f"case #{n} in {path} lacks {sorted(missing)}")
@@ -113,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
                 row = result.columns()
                 if not args.emit_masks:
                     row.pop("kept_mask")
+                    row.pop("image_grid_thw")
                 out.write(json.dumps(row) + "\n")
             out.flush()
             done += len(chunk)

@@ -58,7 +58,8 @@ class Result:
     batch_decode_s: float
     engine_s: float
     cost: RowCost
-    kept_mask: list[int] | None = None
+    kept_mask: list[int] | None = None  # with emit_masks: 1 per kept visual token, raster order per image
+    image_grid_thw: list[list[int]] | None = None  # with emit_masks: each image's patch grid, to lay the mask out
 
     def columns(self) -> dict:
         """Flat fields, the cost's included, as result rows hold them."""
@@ -265,6 +266,7 @@ class GlimpseEngine:
                 engine_s=engine_s[slot],
                 cost=costs[slot],
                 kept_mask=state.kept[slot].int().tolist() if emit_masks and prune else None,
+                image_grid_thw=prompts[r].image_grid_thw.tolist() if emit_masks and prune else None,
             )
 
     def _token_counts(self, prompt: PreparedPrompt, kept: torch.Tensor) -> tuple[int, int, int, int]:

@@ -30,7 +30,7 @@ from pipeline.glimpse.cache import PrunableKVCache
 from pipeline.glimpse.inputs import decoder_inputs
 from pipeline.glimpse.masks import attention_mask
 from pipeline.glimpse.modules import GlimpseModules
-from pipeline.glimpse.prompts import PreparedPrompt, TrainingPrompt
+from pipeline.glimpse.prompts import ANSWER_STARTS, PreparedPrompt, TrainingPrompt
 from pipeline.glimpse.readout import glimpse_logits, glimpse_query
 
 DICE_EPSILON = 1e-6
@@ -192,8 +192,9 @@ def _require_one_image(examples: list[Example]) -> None:
 # ---- command ---------------------------------------------------------------------------------
 
 
-def load_examples(cases_path: Path, root: Path, prompts) -> list[Example]:
-    """Cases ({id, image, question, answer, boxes}; a JSON list or JSON lines), images under `root`."""
+def load_examples(cases_path: Path, root: Path, prompts, answer_start: str = "release") -> list[Example]:
+    """Cases ({id, image, question, answer, boxes}; a JSON list or JSON lines), images under `root`;
+    the glimpse where the release's collator puts it, unless `answer_start` says otherwise."""
     from PIL import Image
 
     text = cases_path.read_text()
@@ -205,7 +206,7 @@ def load_examples(cases_path: Path, root: Path, prompts) -> list[Example]:
     examples = []
     for case in cases:
         with Image.open(root / case["image"]) as image:
-            prompt = prompts.training([image], case["question"], case["answer"])
+            prompt = prompts.training([image], case["question"], case["answer"], answer_start)
         examples.append(Example(str(case["id"]), prompt, case["boxes"]))
     return examples
 
@@ -222,6 +223,14 @@ def main(argv: list[str] | None = None) -> int:
         "--root", type=Path, default=None, help="directory the cases' images are under (default: the cases' own)"
     )
     parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument(
+        "--answer-start",
+        choices=ANSWER_STARTS,
+        default="release",
+        help="where the glimpse goes and the labels begin: as the release's collator counts (default), "
+        "or after the generation header, where inference puts the glimpse (the training job's choice; "
+        "the same place with Qwen's tokenizer)",
+    )
     parser.add_argument("--out", required=True, type=Path, help="JSON lines: one per batch")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
@@ -237,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = PromptBuilder.from_pretrained(args.model, model.config)
     modules = GlimpseModules.load(args.glimpse, model.config)
     objective = GlimpseObjective(model, modules, prompts.tokenizer.pad_token_id or 0).eval()
-    examples = load_examples(args.cases, args.root or args.cases.parent, prompts)
+    examples = load_examples(args.cases, args.root or args.cases.parent, prompts, args.answer_start)
     with args.out.open("w") as out, torch.no_grad():
         for start in range(0, len(examples), args.batch_size):
             batch = examples[start : start + args.batch_size]

@@ -57,11 +57,18 @@ class PreparedPrompt:
         return cls(torch.tensor(row["input_ids"], dtype=torch.long), pixels.view(int(grid.prod(-1).sum()), -1), grid)
 
 
+# Where a training example's answer turn starts, i.e. where the glimpse goes and the labels begin:
+# "prompt_end": after the generation header, where inference puts the glimpse; "release": three
+# tokens after the last `<|im_start|>`, as the release's collator counts. Both are the same with
+# Qwen's tokenizer (`<|im_start|>`, `assistant`, `\n`); a tokenizer that splits `assistant` (the
+# tiny test models') puts the release's inside the header, where inference never sees a glimpse.
+ANSWER_STARTS = ("prompt_end", "release")
+
+
 @dataclass
 class TrainingPrompt:
     """A training example's model inputs: `prompt` holds the prompt, the generation header and the
-    answer turn; the answer turn (the answer and the template's end of turn) starts at
-    `answer_start`, so everything before it is what inference sees."""
+    answer turn, which starts at `answer_start` (see ANSWER_STARTS)."""
 
     prompt: PreparedPrompt
     answer_start: int
@@ -122,14 +129,12 @@ class PromptBuilder:
         """Token ids of `text`; `as_text`: special-token strings are split into ordinary tokens."""
         return self.tokenizer(text, add_special_tokens=False, split_special_tokens=as_text)["input_ids"]
 
-    def training_token_ids(self, n_images: int, question: str, answer: str) -> tuple[list[int], int]:
+    def training_token_ids(
+        self, n_images: int, question: str, answer: str, answer_start: str = "prompt_end"
+    ) -> tuple[list[int], int]:
         """The ids of a conversation that ends with the assistant's `answer`, and where the answer
-        turn starts. Question and answer are tokenized as plain text, as in `token_ids`.
-
-        The answer turn starts where the release's collator starts its labels: three tokens after
-        the last `<|im_start|>` (`<|im_start|>assistant\\n` in Qwen's tokenizer, where that is
-        exactly inference's generation header; a tokenizer that splits `assistant` starts it
-        inside the header, and so does the release)."""
+        turn starts (`answer_start`, one of ANSWER_STARTS). Question and answer are tokenized as
+        plain text, as in `token_ids`."""
         conversation = self.tokenizer.apply_chat_template(
             [
                 {"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": QUESTION_SLOT}]},
@@ -146,6 +151,13 @@ class PromptBuilder:
             + self.tokens(answer, as_text=True)
             + self.tokens(tail)
         )
+        if answer_start == "prompt_end":
+            prompt = self.token_ids(n_images, question)
+            if ids[: len(prompt)] != prompt:
+                raise RequestError("the chat template's assistant turn does not begin with inference's prompt")
+            return ids, len(prompt)
+        if answer_start != "release":
+            raise ValueError(f"answer_start must be one of {ANSWER_STARTS}, not {answer_start!r}")
         turn_start = self.tokenizer.convert_tokens_to_ids(TURN_START)
         if turn_start not in ids:
             raise RequestError(f"the chat template renders no {TURN_START} before the answer")
@@ -156,10 +168,12 @@ class PromptBuilder:
         pixels, grid = self._vision(images)
         return PreparedPrompt(self._expand(self.token_ids(len(images), question), grid), pixels, grid)
 
-    def training(self, images: list[Image.Image], question: str, answer: str) -> TrainingPrompt:
+    def training(
+        self, images: list[Image.Image], question: str, answer: str, answer_start: str = "prompt_end"
+    ) -> TrainingPrompt:
         """Inputs to train on: the conversation with `answer` as the assistant's turn."""
         pixels, grid = self._vision(images)
-        ids, answer_start = self.training_token_ids(len(images), question, answer)
+        ids, answer_start = self.training_token_ids(len(images), question, answer, answer_start)
         expanded = self._expand(ids, grid)
         shift = len(expanded) - len(ids)  # image pads come before the answer
         return TrainingPrompt(PreparedPrompt(expanded, pixels, grid), answer_start + shift)

@@ -5,7 +5,10 @@ built-in text, and weights are random but seeded: the text is meaningless, the a
 
     python -m pipeline.synthetic.tiny --out DIR [--seed N] [--no-glimpse]
 
-writes DIR/base (the Hugging Face layout) and DIR/glimpse (the published module format).
+writes DIR/base (the Hugging Face layout) and DIR/glimpse (the published module format). For the
+default spec, DIR/glimpse holds the trained modules shipped in `pipeline/samples/tiny-glimpse`
+(`python -m pipeline.synthetic.demo_modules` rebuilds them), so the demo's pruning is learned;
+other specs get random modules.
 """
 
 from __future__ import annotations
@@ -219,8 +222,29 @@ def build_image_processor(max_pixels: int):
     )
 
 
+TRAINED_GLIMPSE = Path(__file__).resolve().parent.parent / "samples" / "tiny-glimpse"
+BASE_DIGEST_FILE = "base.sha256"  # beside the trained modules: the tiny base they were trained on
+
+
+def base_digest(base: str | Path) -> str:
+    """SHA-256 of the base checkpoint's weights file."""
+    import hashlib
+
+    return hashlib.sha256((Path(base) / "model.safetensors").read_bytes()).hexdigest()
+
+
+def trained_modules_for(base: str | Path) -> Path | None:
+    """The shipped trained modules when they were trained on exactly this base, else None."""
+    marker = TRAINED_GLIMPSE / BASE_DIGEST_FILE
+    if not marker.exists() or marker.read_text().strip() != base_digest(base):
+        return None
+    return TRAINED_GLIMPSE
+
+
 def write_tiny_checkpoint(out: str | Path, spec: TinySpec = TinySpec(), with_glimpse: bool = True) -> Path:
     """Writes out/base (and out/glimpse); returns `out`. Same spec, same files."""
+    import shutil
+
     out = Path(out)
     base = out / "base"
     tokenizer = build_tokenizer(spec.vocab_size)
@@ -229,32 +253,50 @@ def write_tiny_checkpoint(out: str | Path, spec: TinySpec = TinySpec(), with_gli
     tokenizer.save_pretrained(base)
     build_image_processor(max_pixels=200704).save_pretrained(base)
     if with_glimpse:
-        build_glimpse_modules(model.config, spec.seed).save(out / "glimpse")
+        trained = trained_modules_for(base) if spec == TinySpec() else None
+        if trained is not None:
+            shutil.copytree(trained, out / "glimpse", ignore=shutil.ignore_patterns(BASE_DIGEST_FILE))
+        else:
+            build_glimpse_modules(model.config, spec.seed).save(out / "glimpse")
     return out
 
 
 def ensure_tiny_checkpoint(out: str | Path, spec: TinySpec = TinySpec()) -> Path:
-    """The tiny checkpoint at `out`, built there first if missing. Safe when several processes race
-    (Ray workers on one node): each builds in a private folder and the first rename wins; the spec
-    is seeded, so every build is the same."""
+    """The tiny checkpoint at `out`, built there first if missing or if its modules are not the
+    ones `write_tiny_checkpoint` now writes (a cache from before trained modules shipped). Safe
+    when several processes race (Ray workers on one node): each builds in a private folder and
+    the first rename wins; the spec is seeded, so every build is the same."""
     import os
     import shutil
     import tempfile
 
     out = Path(out)
-    if (out / "glimpse" / "new_modules_gp.pt").exists():
+    if _current(out, spec):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    stale = Path(tempfile.mkdtemp(prefix=f".{out.name}-stale-", dir=out.parent))
     try:
         write_tiny_checkpoint(scratch, spec)
+        if out.exists():
+            os.replace(out, stale / "old")
         os.replace(scratch, out)
     except OSError:
-        if not (out / "glimpse" / "new_modules_gp.pt").exists():
+        if not _current(out, spec):
             raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(stale, ignore_errors=True)
     return out
+
+
+def _current(out: Path, spec: TinySpec) -> bool:
+    """Whether `out` holds a complete build, with the trained modules when they apply to its base."""
+    modules = out / "glimpse" / "new_modules_gp.pt"
+    if not modules.exists():
+        return False
+    trained = trained_modules_for(out / "base") if spec == TinySpec() else None
+    return trained is None or modules.read_bytes() == (trained / "new_modules_gp.pt").read_bytes()
 
 
 def main(argv: list[str] | None = None) -> None:

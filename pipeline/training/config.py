@@ -30,6 +30,11 @@ class TrainConfig(Options):
     layer: int | None = Field(
         None, ge=0, description="fresh: the decoder layer the glimpse is read and tokens pruned at (published)"
     )
+    read_layers: str | None = Field(
+        None,
+        pattern=r"^[0-9]+(,[0-9]+)*$",
+        description="fresh: the decoder layers whose glimpse attention the VIP reads, e.g. 0,1,2 (default: layer)",
+    )
     vision_blocks: str | None = Field(
         None, pattern=r"^[0-9]+(,[0-9]+)*$", description="fresh: the vision blocks the VIP sees, e.g. 31,23,15,7"
     )
@@ -80,14 +85,20 @@ class TrainConfig(Options):
             raise ValueError("give one input: manifest or dataset")
         if bool(self.init_glimpse) == self.fresh:
             raise ValueError("give init_glimpse (modules to start from) or fresh, one of them")
-        shaped = [name for name in ("layer", "vision_blocks") if getattr(self, name) is not None]
+        shaped = [name for name in ("layer", "read_layers", "vision_blocks") if getattr(self, name) is not None]
         if shaped and not self.fresh:
             raise ValueError(f"{', '.join(shaped)} shape fresh modules only; init_glimpse has its own")
         if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
             raise ValueError(f"min_pixels {self.min_pixels} is over max_pixels {self.max_pixels}")
+        if self.read_layers and self.layer is not None and max(self.read_layer_list) > self.layer:
+            raise ValueError(f"read_layers {self.read_layers} must not come after layer {self.layer}")
         if self.loc_weight == 0 and self.le_weight == 0:
             raise ValueError("loc_weight and le_weight are both 0: nothing to train")
         return self
+
+    @property
+    def read_layer_list(self) -> list[int] | None:
+        return [int(b) for b in self.read_layers.split(",")] if self.read_layers else None
 
     @property
     def vision_block_list(self) -> list[int] | None:

@@ -127,6 +127,7 @@ def train_worker(setup: dict) -> None:
             glimpse_config(
                 model.config,
                 layer=config.layer,
+                read_layers=config.read_layer_list,
                 vision_blocks=config.vision_block_list,
                 fuse_size=config.fuse_size,
                 cond_size=config.cond_size,

@@ -36,6 +36,7 @@ def glimpse_config(
     model_config,
     *,
     layer: int | None = None,
+    read_layers: list[int] | None = None,
     vision_blocks: list[int] | None = None,
     fuse_size: int = 256,
     cond_size: int = 512,
@@ -43,12 +44,13 @@ def glimpse_config(
     threshold: float = 0.5,
 ) -> GlimpseConfig:
     """The published module config for `model_config` (the model config plus GlimpsePrune's
-    fields), with the read-and-prune layer, the VIP's vision blocks and sizes overridable."""
+    fields), with the pruning layer, the layers the glimpse is read at (default: the pruning
+    layer), the VIP's vision blocks and sizes overridable."""
     text = getattr(model_config, "text_config", model_config)
     layer = default_layer(text.num_hidden_layers, text.hidden_size) if layer is None else layer
     raw = model_config.to_dict()
     raw.update(
-        selected_layers=[layer],
+        selected_layers=read_layers or [layer],
         reduce_layer=layer,
         le_layers=list(range(text.num_hidden_layers)),
         selected_visual_layers=vision_blocks or default_vision_blocks(model_config.vision_config.depth),

@@ -37,7 +37,7 @@ SUMMARY_FILE = "_train_summary.json"
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of its checkpoints
 # Settings that fix the data order, the schedule and the modules' shape: a resumed run keeps them.
 RESUME_KEYS = (
-    "manifest", "dataset", "model", "model_revision", "init_glimpse", "fresh", "layer", "vision_blocks",
+    "manifest", "dataset", "model", "model_revision", "init_glimpse", "fresh", "layer", "read_layers", "vision_blocks",
     "fuse_size", "cond_size", "vip_heads", "steps", "batch_size", "grad_accum", "num_workers", "lr",
     "warmup_ratio", "weight_decay", "seed",
 )  # fmt: skip
