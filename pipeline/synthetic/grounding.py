@@ -53,12 +53,15 @@ def make_example(
     target = (rng.choice(SHAPES), rng.choice(list(COLORS)))
     shorter = min(size)
     taken = [place(rng, size, round(rng.uniform(*TARGET_SCALE) * shorter), [])]
+    others = []
     for _ in range(rng.randint(0, distractors)):
         box = place(rng, size, round(rng.uniform(*TARGET_SCALE) * shorter), taken)
         if box is not None:  # no room left: fewer distractors
             taken.append(box)
             kind, color = look_alike(rng, target)
-            paint(image, kind, box, COLORS[color])
+            others.append(
+                {"name": f"{color} {kind}", "boxes": [normalised(paint(image, kind, box, COLORS[color]), size)]}
+            )
     kind, color = target
     x1, y1, x2, y2 = paint(image, kind, taken[0], COLORS[color])
     width, height = size
@@ -67,9 +70,16 @@ def make_example(
         "id": f"grounding-{index:06d}",
         "question": rng.choice(QUESTIONS).format(name=name),
         "answer": f"the {name} is {position((x1 + x2) / 2 / width, (y1 + y2) / 2 / height)}",
-        "boxes": [[round(x1 / width, 6), round(y1 / height, 6), round(x2 / width, 6), round(y2 / height, 6)]],
+        "boxes": [normalised((x1, y1, x2, y2), size)],
+        "look_alikes": others,  # what else a question could name here, and where it is
     }
     return image, row
+
+
+def normalised(box: Box, size: tuple[int, int]) -> list[float]:
+    width, height = size
+    x1, y1, x2, y2 = box
+    return [round(x1 / width, 6), round(y1 / height, 6), round(x2 / width, 6), round(y2 / height, 6)]
 
 
 def write_dataset(

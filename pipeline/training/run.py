@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import tempfile
 import threading
 import time
@@ -30,6 +31,9 @@ from pipeline.training.data import ordered_dataset, prepare_training_batch, trai
 from pipeline.training.loop import MODULES_DIR, STATE_FILE, train_worker
 
 log = logging.getLogger("pipeline.training")
+# Ray Train's V2 API (restoring from the run's own storage, named checkpoint directories): the
+# default from Ray 2.5x on, opt-in before.
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 RUN_NAME = "checkpoints"
 CONFIG_FILE = "_train_config.json"
