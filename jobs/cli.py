@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from types import UnionType
 from typing import Literal, NoReturn, Union, get_args, get_origin
 
 from pipeline.config import JobConfig, Options
 
+INTERRUPTED = 130  # exit status after Ctrl-C: rerun the same command to resume
 STORAGE_FLAGS = {"s3_endpoint_url": "endpoint_url", "s3_region": "region", "s3_anon": "anon"}
 
 # --help shows the options in these groups, in this order; every JobConfig field is in one.
@@ -117,6 +119,29 @@ def config_from_args(args: argparse.Namespace, config: type[Options]):
             loaded = loaded.model_copy(update={"storage": loaded.storage.model_copy(update=storage)})
         return loaded
     return config.validated({**given, "storage": storage})
+
+
+def add_run_options(parser: argparse.ArgumentParser):
+    """The "this run" group every job has (where to run, how loud); returns it for a job's own."""
+    run = parser.add_argument_group("this run")
+    run.add_argument(
+        "--ray-address",
+        help="Ray cluster to join (default: RAY_ADDRESS if set, else a local Ray started for this job)",
+    )
+    run.add_argument("-v", "--verbose", action="store_true", help="show Ray's own INFO and WARNING lines")
+    return run
+
+
+def run_main(job, args: argparse.Namespace) -> int:
+    """Runs `job(args)` with our own progress and summary lines shown (other libraries' INFO lines,
+    such as botocore's "Found credentials", stay out of the terminal); Ctrl-C ends it with 130."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("pipeline").setLevel(logging.INFO)
+    try:
+        return job(args)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return INTERRUPTED
 
 
 def error(message: str, code: int = 2) -> int:

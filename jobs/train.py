@@ -9,11 +9,10 @@ after an interruption and it resumes from the last checkpoint in OUTPUT/checkpoi
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from jobs.cli import JobArgumentParser, add_config_options, config_from_args, error
-from jobs.vqa import INTERRUPTED, root_cause
+from jobs.cli import JobArgumentParser, add_config_options, add_run_options, config_from_args, error, run_main
+from jobs.vqa import root_cause
 from pipeline.training.config import TrainConfig
 
 OPTION_GROUPS = {
@@ -54,24 +53,12 @@ OPTION_GROUPS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = JobArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n")[0])
     add_config_options(parser, TrainConfig, OPTION_GROUPS)
-    run = parser.add_argument_group("this run")
-    run.add_argument(
-        "--ray-address",
-        help="Ray cluster to join (default: RAY_ADDRESS if set, else a local Ray started for this job)",
-    )
-    run.add_argument("-v", "--verbose", action="store_true", help="show Ray's own INFO and WARNING lines")
+    add_run_options(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("pipeline").setLevel(logging.INFO)
-    try:
-        return train(args)
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
-        return INTERRUPTED
+    return run_main(train, build_parser().parse_args(argv))
 
 
 def train(args: argparse.Namespace) -> int:

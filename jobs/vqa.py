@@ -1,6 +1,7 @@
 """Answer questions about (or caption) an image corpus on Ray: `python -m jobs.vqa [options]`.
 
-With no input it runs on the bundled sample images with a tiny random-weight model built locally.
+With no input it runs on the bundled sample images with a tiny random-weight model built locally
+(its glimpse modules trained, shipped in pipeline/samples/tiny-glimpse).
 Exit status: 0 done; 1 done, but more rows failed than --max-failed-fraction allows, or the job
 failed while running; 2 refused before any row was answered (bad options, input, model, output
 location, lease, or a resume of other work); 130 interrupted (rerun the same command to resume).
@@ -9,20 +10,18 @@ location, lease, or a resume of other work); 130 interrupted (rerun the same com
 from __future__ import annotations
 
 import argparse
-import logging
 import re
 import sys
 
-from jobs.cli import JobArgumentParser, add_job_options, error, job_config
+from jobs.cli import JobArgumentParser, add_job_options, add_run_options, error, job_config, run_main
 
-INTERRUPTED = 130
 EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception): ")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = JobArgumentParser(prog="python -m jobs.vqa", description=__doc__.split("\n")[0])
     add_job_options(parser)
-    run = parser.add_argument_group("this run")
+    run = add_run_options(parser)
     run.add_argument(
         "--overwrite",
         action="store_true",
@@ -33,25 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="take the output's lease from another run now, without waiting for its timeout (S3)",
     )
-    run.add_argument(
-        "--ray-address",
-        help="Ray cluster to join (default: RAY_ADDRESS if set, else a local Ray started for this job)",
-    )
-    run.add_argument("-v", "--verbose", action="store_true", help="show Ray's own INFO and WARNING lines")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    # Our own progress and summary lines; other libraries' INFO lines (botocore's "Found
-    # credentials…") stay out of the terminal.
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("pipeline").setLevel(logging.INFO)
-    try:
-        return run_job(args)
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
-        return INTERRUPTED
+    return run_main(run_job, build_parser().parse_args(argv))
 
 
 def run_job(args: argparse.Namespace) -> int:

@@ -28,6 +28,14 @@ def grounding(tmp_path_factory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("grounding"), n=12, seed=3)
 
 
+def small_config(**options):
+    """A TrainConfig for a few quick steps of fresh, small modules."""
+    from pipeline.training.config import TrainConfig
+
+    small = dict(fresh=True, fuse_size=32, cond_size=32, batch_size=2, grad_accum=1, steps=2)
+    return TrainConfig.validated({**small, **options})
+
+
 def train_command(manifest, model, output, *extra) -> list[str]:
     return [sys.executable, "-m", "jobs.train", "--manifest", str(manifest), "--model", str(model)] + [
         "--output",
@@ -101,24 +109,12 @@ def test_training_writes_checkpoints_and_modules_to_s3_and_the_vqa_job_loads_the
 ):
     from pipeline.config import JobConfig
     from pipeline.job import run as run_vqa
-    from pipeline.training.config import TrainConfig
     from pipeline.training.run import check, run
 
     storage, fs = s3
     bucket = new_bucket(fs)
-    config = TrainConfig.validated(
-        dict(
-            manifest=str(grounding),
-            model=str(tiny_checkpoint / "base"),
-            output=f"s3://{bucket}/run",
-            fresh=True,
-            fuse_size=32,
-            cond_size=32,
-            batch_size=2,
-            grad_accum=1,
-            steps=2,
-            storage=storage,
-        )
+    config = small_config(
+        manifest=str(grounding), model=str(tiny_checkpoint / "base"), output=f"s3://{bucket}/run", storage=storage
     )
     summary = run(config, check(config))
     assert summary["steps"] == 2
@@ -144,7 +140,6 @@ def test_training_writes_checkpoints_and_modules_to_s3_and_the_vqa_job_loads_the
 def test_a_datasets_folder_trains_like_a_manifest(grounding, tiny_checkpoint, tmp_path, ray_session):
     import datasets
 
-    from pipeline.training.config import TrainConfig
     from pipeline.training.run import check, run
 
     rows = [json.loads(line) for line in grounding.read_text().splitlines()][:4]
@@ -158,18 +153,8 @@ def test_a_datasets_folder_trains_like_a_manifest(grounding, tiny_checkpoint, tm
     )
     data = {key: [r[key] for r in rows] for key in ("image", "question", "answer", "boxes")}
     datasets.Dataset.from_dict(data, features=features).save_to_disk(str(tmp_path / "ds"))
-    config = TrainConfig.validated(
-        dict(
-            dataset=str(tmp_path / "ds"),
-            model=str(tiny_checkpoint / "base"),
-            output=str(tmp_path / "out"),
-            fresh=True,
-            fuse_size=32,
-            cond_size=32,
-            batch_size=2,
-            grad_accum=1,
-            steps=2,
-        )
+    config = small_config(
+        dataset=str(tmp_path / "ds"), model=str(tiny_checkpoint / "base"), output=str(tmp_path / "out")
     )
     summary = run(config, check(config))
     assert summary["rows"] == 4 and summary["examples_consumed"] == 4 and summary["failed_rows"] == 0

@@ -176,34 +176,20 @@ def build_glimpse_modules(
     second-to-last layer, the VIP conditioned on the middle and last vision blocks."""
     import torch
 
-    from pipeline.glimpse.config import GlimpseConfig
     from pipeline.glimpse.modules import GlimpseModules
+    from pipeline.training.recipe import glimpse_config
 
     text = model_config.text_config
-    reduce_layer = max(0, text.num_hidden_layers - 2) if reduce_layer is None else reduce_layer
     depth = model_config.vision_config.depth
-    raw = model_config.to_dict()
-    raw.update(
-        selected_layers=[reduce_layer],
-        reduce_layer=reduce_layer,
-        le_layers=list(range(text.num_hidden_layers)),
-        selected_visual_layers=selected_visual_layers or sorted({depth - 1, depth // 2 - 1}, reverse=True),
-        le_length=1,
-        le_norm_type="rmsnorm",
-        use_attention_logits=True,
-        attn_fuse_type="AttnFuserV1",
-        attn_fuse_size=fuse_size,
-        visual_cond_size=cond_size,
-        attn_fuse_num_heads=4,
-        attn_fuse_hidden_act="silu",
-        attn_fuse_global=True,
-        deep_supervision=False,
-        reduce_threshold=0.5,
-        min_remain_num=1,
-        max_remain_ratio=None,
+    config = glimpse_config(
+        model_config,
+        layer=max(0, text.num_hidden_layers - 2) if reduce_layer is None else reduce_layer,
+        vision_blocks=selected_visual_layers or sorted({depth - 1, depth // 2 - 1}, reverse=True),
+        fuse_size=fuse_size,
+        cond_size=cond_size,
     )
     torch.manual_seed(seed + 1)
-    modules = GlimpseModules(GlimpseConfig.from_dict(raw))
+    modules = GlimpseModules(config)
     torch.nn.init.normal_(modules.learnable_embeddings, 0.0, 0.02)
     return modules
 

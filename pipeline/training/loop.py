@@ -11,7 +11,7 @@ import math
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -95,64 +95,55 @@ def window_metrics(totals: list[float]) -> dict:
     }
 
 
+@dataclass
+class RunState:
+    """What a checkpoint carries besides the modules and the optimizer: where the run is, the
+    metrics of every logged window, and the rows that could not be prepared (the first few named)."""
+
+    step: int = 0
+    examples_consumed: int = 0
+    history: list[dict] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    failed_count: int = 0
+
+    def add_failures(self, failures: list[tuple[str, str]]) -> None:
+        self.failed_count += len(failures)
+        self.failed = (self.failed + failures)[:SHOWN_FAILURES]
+
+
 def train_worker(setup: dict) -> None:
     """The per-worker training function (`TorchTrainer`'s train_loop_per_worker)."""
     import ray.train
     import ray.train.torch
-    from transformers import Qwen2_5_VLForConditionalGeneration, get_cosine_schedule_with_warmup
+    from transformers import get_cosine_schedule_with_warmup
 
     config = TrainConfig.model_validate(setup["config"])
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
     torch.manual_seed(config.seed)
-    model_dir = setup["model"].local_dir(config.storage)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        model_dir,
-        dtype=DTYPES[config.model_dtype(device.type == "cuda")],
-        attn_implementation=config.attn,
-        use_safetensors=True,
-    ).to(device)
-    tokenizer = PromptBuilder.from_pretrained(model_dir, model.config).tokenizer
-
-    restored = ray.train.get_checkpoint()
-    state = {}
-    if restored is not None:
-        with restored.as_directory() as directory:
-            modules = GlimpseModules.load(Path(directory) / MODULES_DIR, model.config)
-            state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
-    elif setup["init_glimpse"] is not None:
-        modules = GlimpseModules.load(setup["init_glimpse"].local_dir(config.storage), model.config)
-    else:
-        modules = fresh_modules(
-            glimpse_config(
-                model.config,
-                layer=config.layer,
-                read_layers=config.read_layer_list,
-                vision_blocks=config.vision_block_list,
-                fuse_size=config.fuse_size,
-                cond_size=config.cond_size,
-                vip_heads=config.vip_heads,
-            ),
-            config.seed,
-        )
+    model, pad_token_id = _base_model(setup["model"], config, device)
+    modules, saved = _starting_modules(setup, config, model)
     modules = modules.to(device=device, dtype=torch.float32).train()  # fp32 master weights
     weights = LossWeights(loc=config.loc_weight, dice=config.dice_weight, bce=config.bce_weight, le=config.le_weight)
     objective = ray.train.torch.prepare_model(
-        GlimpseObjective(model, modules, tokenizer.pad_token_id or 0, weights), move_to_device=False
+        GlimpseObjective(model, modules, pad_token_id, weights), move_to_device=False
     )
     optimizer = torch.optim.AdamW(modules.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * config.steps), config.steps)
-    step, consumed, history = 0, setup["start"], []
-    failed, failed_count = [], 0
-    if state:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, history = state["step"], state["history"]
-        failed, failed_count = state["failed"], state["failed_count"]
+    state = RunState(examples_consumed=setup["start"])
+    if saved:
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = RunState(**saved["run"])
+        if state.examples_consumed != setup["start"]:
+            raise RuntimeError(
+                f"the checkpoint read {state.examples_consumed} examples but the data starts at {setup['start']}"
+            )
 
     window, micro, started = Window(), 0, time.perf_counter()
-    shard = ray.train.get_dataset_shard("train")
-    for batch in shard.iter_batches(batch_size=config.batch_size, batch_format="pyarrow"):
+    for batch in ray.train.get_dataset_shard("train").iter_batches(
+        batch_size=config.batch_size, batch_format="pyarrow"
+    ):
         good, bad = examples(batch.to_pylist())
         window.failed += bad
         window.read(batch.column("position").to_pylist())
@@ -169,35 +160,71 @@ def train_worker(setup: dict) -> None:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        step, micro = step + 1, 0
-        consumed += config.rows_per_step
-        done = step == config.steps
-        if not (done or step % config.log_every == 0 or step % config.checkpoint_every == 0):
+        micro = 0
+        state.step += 1
+        state.examples_consumed += config.rows_per_step
+        done = state.step == config.steps
+        checkpoint = done or state.step % config.checkpoint_every == 0
+        if not (checkpoint or state.step % config.log_every == 0):
             continue
         totals = window.totals(device)
-        failures = _gather_failures(window.failed)
-        failed_count += len(failures)
-        failed = (failed + failures)[:SHOWN_FAILURES]
+        state.add_failures(_gather_failures(window.failed))
         metrics = {
-            "step": step,
-            "examples_consumed": consumed,
+            "step": state.step,
+            "examples_consumed": state.examples_consumed,
             "lr": scheduler.get_last_lr()[0],
             "seconds": time.perf_counter() - started,
-            "failed_rows": failed_count,
+            "failed_rows": state.failed_count,
             **window_metrics(totals),
         }
-        history.append(metrics)
+        state.history.append(metrics)
         if rank == 0 and setup.get("progress") is not None:
             setup["progress"].put(metrics)
         window, started = Window(), time.perf_counter()
-        if done or step % config.checkpoint_every == 0:
-            _report_with_checkpoint(
-                metrics, modules, optimizer, scheduler, step, consumed, history, failed, failed_count, rank
-            )
+        if checkpoint:
+            _report_with_checkpoint(metrics, modules, optimizer, scheduler, state, rank)
         else:
             ray.train.report(metrics)
         if done:
             break
+
+
+def _base_model(checkpoint, config: TrainConfig, device):
+    """The frozen base model on `device`, and its tokenizer's padding id."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    directory = checkpoint.local_dir(config.storage)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        directory,
+        dtype=DTYPES[config.model_dtype(device.type == "cuda")],
+        attn_implementation=config.attn,
+        use_safetensors=True,
+    ).to(device)
+    return model, PromptBuilder.from_pretrained(directory, model.config).tokenizer.pad_token_id or 0
+
+
+def _starting_modules(setup: dict, config: TrainConfig, model) -> tuple[GlimpseModules, dict]:
+    """The modules to train from: the run's last checkpoint (with its saved state), else the
+    modules given, else fresh ones."""
+    import ray.train
+
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as directory:
+            modules = GlimpseModules.load(Path(directory) / MODULES_DIR, model.config)
+            return modules, torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+    if setup["init_glimpse"] is not None:
+        return GlimpseModules.load(setup["init_glimpse"].local_dir(config.storage), model.config), {}
+    shape = glimpse_config(
+        model.config,
+        layer=config.layer,
+        read_layers=config.read_layer_list,
+        vision_blocks=config.vision_block_list,
+        fuse_size=config.fuse_size,
+        cond_size=config.cond_size,
+        vip_heads=config.vip_heads,
+    )
+    return fresh_modules(shape, config.seed), {}
 
 
 def _gather_failures(local: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -209,9 +236,7 @@ def _gather_failures(local: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return [f for part in gathered for f in part]
 
 
-def _report_with_checkpoint(
-    metrics, modules, optimizer, scheduler, step, consumed, history, failed, failed_count, rank
-):
+def _report_with_checkpoint(metrics: dict, modules, optimizer, scheduler, state: RunState, rank: int) -> None:
     """Every worker reports; rank 0 alone writes the checkpoint (the workers' modules are equal)."""
     import ray.train
 
@@ -219,17 +244,7 @@ def _report_with_checkpoint(
         checkpoint = None
         if rank == 0:
             modules.save(Path(directory) / MODULES_DIR)
-            torch.save(
-                {
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "step": step,
-                    "examples_consumed": consumed,
-                    "history": history,
-                    "failed": failed,
-                    "failed_count": failed_count,
-                },
-                Path(directory) / STATE_FILE,
-            )
+            saved = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "run": asdict(state)}
+            torch.save(saved, Path(directory) / STATE_FILE)
             checkpoint = ray.train.Checkpoint.from_directory(directory)
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step_{step:08d}")
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step_{state.step:08d}")

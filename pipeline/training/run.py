@@ -226,7 +226,7 @@ def publish(config: TrainConfig, checked: Checked, seconds: float) -> dict:
         local = Path(scratch)
         if not (local / STATE_FILE).exists():  # fsspec copies into scratch/<name> when scratch exists
             local = local / latest
-        state = torch.load(local / STATE_FILE, map_location="cpu", weights_only=False)
+        state = torch.load(local / STATE_FILE, map_location="cpu", weights_only=True)["run"]
         fs.put(str(local / MODULES_DIR), f"{root}/{MODULES_DIR}", recursive=True)
     history = state["history"]
     summary = {
