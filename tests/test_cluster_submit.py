@@ -120,14 +120,15 @@ def test_ray_job_submit_runs_the_demo_job(local_cluster, tmp_path):
     out = tmp_path / "out"
     submit = ["ray", "job", "submit", "--address", address, "--working-dir", "."]
     job = ["--", "python", "-m", "jobs.vqa", "--output", str(out), "--max-new-tokens", "3"]
-    deadline = time.monotonic() + 120
-    while True:  # the head's job agent comes up some seconds after its dashboard answers
+    deadline = time.monotonic() + 300
+    while True:  # the head's job agent comes up seconds (minutes on a busy machine) after its dashboard answers
         done = subprocess.run([*submit, *job], cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
         if "No available agent" not in done.stderr or time.monotonic() > deadline:
             break
         time.sleep(3)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert re.search(r"^rows +7 \(7 answered, 0 failed\)$", done.stdout, re.MULTILINE), done.stdout[-3000:]
+    n = len(json.loads((REPO / "pipeline" / "samples" / "cases.json").read_text()))
+    assert re.search(rf"^rows +{n} \({n} answered, 0 failed\)$", done.stdout, re.MULTILINE), done.stdout[-3000:]
     table = pq.read_table(out)
-    assert table.num_rows == 7 and table.column("error").null_count == 7
-    assert json.loads((out / "_summary.json").read_text())["rows_ok"] == 7
+    assert table.num_rows == n and table.column("error").null_count == n
+    assert json.loads((out / "_summary.json").read_text())["rows_ok"] == n
