@@ -66,7 +66,7 @@ def train(args: argparse.Namespace) -> int:
     from pipeline.cluster import ClusterError, start_ray
     from pipeline.glimpse.errors import GlimpseError
     from pipeline.storage import UnsupportedURI
-    from pipeline.training.run import check, run
+    from pipeline.training.run import TrainingError, check, run
 
     try:
         config = config_from_args(args, TrainConfig)
@@ -79,6 +79,8 @@ def train(args: argparse.Namespace) -> int:
         return error(str(e))
     try:
         summary = run(config, checked)
+    except TrainingError as e:
+        return error(str(e))
     except Exception as e:
         if args.verbose:
             raise

@@ -318,3 +318,59 @@ def test_a_few_steps_on_cpu_teach_the_vip_to_keep_the_named_shape(tiny_checkpoin
         optimizer.zero_grad()
     after = held_out_iou(held_rows, held_images)
     assert before < 0.25 and after > before + 0.2, (before, after)
+
+
+DATA_PARALLEL = """
+import json, sys
+import ray
+ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+from pipeline.training.config import TrainConfig
+from pipeline.training.run import check, run
+options = json.loads(sys.argv[1])
+config = TrainConfig.validated(options)
+summary = run(config, check(config))
+print(json.dumps(summary["history"]))
+"""
+
+
+def test_two_workers_train_data_parallel(grounding, tiny_checkpoint, tmp_path):
+    """DDP over the modules on two Ray Train workers (a Ray of its own with 4 logical CPUs: two
+    workers and the preparation tasks): each step reads both workers' examples."""
+    options = dict(
+        manifest=str(grounding),
+        model=str(tiny_checkpoint / "base"),
+        output=str(tmp_path / "out"),
+        fresh=True,
+        fuse_size=32,
+        cond_size=32,
+        batch_size=2,
+        grad_accum=2,
+        steps=3,
+        num_workers=2,
+        log_every=1,
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", DATA_PARALLEL, json.dumps(options)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    history = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [h["examples"] for h in history] == [8, 8, 8]  # 2 workers × batch 2 × 2 accumulated
+    assert [h["examples_consumed"] for h in history] == [8, 16, 24]
+    assert np.isfinite([h["loss"] for h in history]).all()
+    modules = tmp_path / "out" / "glimpse" / "new_modules_gp.pt"
+    assert modules.exists()
+
+
+def test_a_worker_pool_the_local_ray_cannot_hold_is_refused(tmp_path):
+    from pipeline.training.run import unschedulable
+
+    config = small_config(manifest="m.jsonl", model="m", output=str(tmp_path), num_workers=2)
+    assert "2.5 CPUs; Ray has 2" in unschedulable(config, {"CPU": 2})
+    assert unschedulable(config, {"CPU": 3}) is None
+    gpu = small_config(manifest="m.jsonl", model="m", output=str(tmp_path), use_gpu=True)
+    assert "need 1 GPUs" in unschedulable(gpu, {"CPU": 8})

@@ -36,6 +36,8 @@ log = logging.getLogger("pipeline.training")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 RUN_NAME = "checkpoints"
+WORKER_CPUS = 1  # Ray Train's default reservation per worker
+PREPARE_CPUS = 0.5  # per preparation task: fetching and decoding images beside the workers
 CONFIG_FILE = "_train_config.json"
 SUMMARY_FILE = "_train_summary.json"
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of its checkpoints
@@ -111,6 +113,10 @@ def run(config: TrainConfig, checked: Checked) -> dict:
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
+    from pipeline.cluster import started_locally
+
+    if started_locally() and (problem := unschedulable(config, ray.cluster_resources())):
+        raise TrainingError(problem)
     fs, root = filesystem_for(config.output, config.storage)
     fs.makedirs(root, exist_ok=True)
     fs.pipe_file(f"{root.rstrip('/')}/{CONFIG_FILE}", json.dumps(_resume_settings(config), indent=2).encode())
@@ -124,7 +130,7 @@ def run(config: TrainConfig, checked: Checked) -> dict:
             prepare_training_batch,
             batch_format="pyarrow",
             batch_size=config.prepare_batch_size,
-            num_cpus=0.5,
+            num_cpus=PREPARE_CPUS,
             fn_kwargs=dict(
                 model=checked.model,
                 storage=config.storage,
@@ -168,6 +174,22 @@ def run(config: TrainConfig, checked: Checked) -> dict:
             printer.join(timeout=5)
             ray.kill(progress.actor)
     return publish(config, checked, time.time() - started)
+
+
+def unschedulable(config: TrainConfig, resources: dict) -> str | None:
+    """Why the workers and one preparation task cannot run together on a Ray with `resources`
+    that will not grow (the job's own local Ray): Ray Train would wait for them forever."""
+    need_cpus = config.num_workers * WORKER_CPUS + PREPARE_CPUS
+    need_gpus = config.num_workers if config.use_gpu else 0
+    have_cpus, have_gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    if need_gpus > have_gpus:
+        return f"{config.num_workers} workers with --use-gpu need {need_gpus} GPUs; Ray has {have_gpus:g}"
+    if need_cpus > have_cpus:
+        return (
+            f"{config.num_workers} workers and a preparation task need {need_cpus:g} CPUs; Ray has {have_cpus:g} "
+            "(lower --num-workers)"
+        )
+    return None
 
 
 def _train_storage(config: TrainConfig):
