@@ -66,7 +66,7 @@ def train(args: argparse.Namespace) -> int:
     from pipeline.cluster import ClusterError, start_ray
     from pipeline.glimpse.errors import GlimpseError
     from pipeline.storage import UnsupportedURI
-    from pipeline.training.run import TrainingError, check, run
+    from pipeline.training.run import NothingTrained, TrainingError, check, run
 
     try:
         config = config_from_args(args, TrainConfig)
@@ -81,6 +81,8 @@ def train(args: argparse.Namespace) -> int:
         summary = run(config, checked)
     except TrainingError as e:
         return error(str(e))
+    except NothingTrained as e:
+        return error(str(e), 1)
     except Exception as e:
         if args.verbose:
             raise
@@ -89,8 +91,8 @@ def train(args: argparse.Namespace) -> int:
     final = summary["final"] or {}
     print(
         f"trained {summary['steps']} steps on {summary['examples_consumed']} examples "
-        f"({summary['epochs']:.2f} epochs of {summary['rows']} rows); last window: loss {final.get('loss')}, "
-        f"kept {final.get('keep_ratio')}, IoU with the boxes {final.get('iou')}; "
+        f"({summary['epochs']:.2f} epochs of {summary['rows']} rows); last window: loss {final.get('loss', 0):.4f}, "
+        f"kept {final.get('keep_ratio', 0):.1%} of visual tokens, IoU with the boxes {final.get('iou', 0):.3f}; "
         f"modules in {summary['glimpse']}"
     )
     if summary["failed_rows"]:

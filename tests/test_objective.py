@@ -116,3 +116,26 @@ def test_the_training_job_puts_the_glimpse_where_inference_does(tiny):
     assert as_released.answer_start < at_prompt_end.answer_start
     with pytest.raises(ValueError, match="answer_start"):
         prompts.training([image], "q", "a", "elsewhere")
+
+
+def test_the_command_refuses_unusable_cases_in_one_line(tmp_path, capsys):
+    cases = json.loads((FIXTURE / "train_cases.json").read_text())
+    broken = {
+        "missing image": [{**cases[0], "image": "images/nope.png"}],
+        "bad box": [{**cases[0], "boxes": [[-0.5, 0, 1, 1]]}],
+        "two images": [{k: v for k, v in cases[0].items() if k != "image"} | {"images": ["a", "b"]}],
+        "no cases": [],
+    }
+    for name, content in broken.items():
+        path = tmp_path / "cases.json"
+        path.write_text(json.dumps(content))
+        args = ["--model", str(FIXTURE / "base"), "--glimpse", str(FIXTURE / "glimpse"), "--cases", str(path)]
+        with pytest.raises(SystemExit) as exit_:
+            objective.main([*args, "--root", str(FIXTURE), "--out", str(tmp_path / "o.jsonl")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith("error:"), (name, err)
+
+
+def test_a_negative_box_edge_clamps_to_the_grid_rather_than_wrapping():
+    assert ref_token_mask([[-0.5, -0.5, 0.2, 0.2]], (4, 4)).view(4, 4)[0, 0]
+    assert ref_token_mask([[-0.5, -0.5, 0.2, 0.2]], (4, 4)).sum() == 1

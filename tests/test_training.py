@@ -169,12 +169,19 @@ def test_a_datasets_folder_trains_like_a_manifest(grounding, tiny_checkpoint, tm
         (["--loc-weight", "0", "--le-weight", "0"], "nothing to train"),
         (["--vision-blocks", "3;1"], "vision_blocks"),
         (["--steps", "4", "--stepz", "3"], "unrecognized arguments: --stepz"),
+        (["--layer", "10"], "reduce_layer 10 is past the model's 3 decoder layers"),
+        (["--vision-blocks", "9"], "reach past the vision tower's 4 blocks"),
+        (["--config", "{yaml}"], "lerning_rate: unknown option"),
+        (["--output", "/proc/nope/out"], "cannot be created"),
     ],
 )
 def test_option_mistakes_are_one_line_and_exit_2(grounding, tiny_checkpoint, tmp_path, capsys, change, message):
     from tests.conftest import FIXTURE
 
-    change = [c.replace("{fixture}", str(FIXTURE / "glimpse")) for c in change]
+    (tmp_path / "typo.yaml").write_text("lerning_rate: 5\n")
+    change = [
+        c.replace("{fixture}", str(FIXTURE / "glimpse")).replace("{yaml}", str(tmp_path / "typo.yaml")) for c in change
+    ]
     args = ["--manifest", str(grounding), "--model", str(tiny_checkpoint / "base"), "--output", str(tmp_path)]
     args += ["--fresh", "--steps", "2", *change]
     try:
@@ -183,6 +190,26 @@ def test_option_mistakes_are_one_line_and_exit_2(grounding, tiny_checkpoint, tmp
         code = e.code
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_a_datasets_folder_without_images_in_its_image_column_is_refused(tiny_checkpoint, tmp_path, capsys):
+    import datasets
+
+    datasets.Dataset.from_dict(
+        {"image": ["/a.png"], "question": ["q"], "answer": ["a"], "boxes": [[[0, 0, 1, 1]]]}
+    ).save_to_disk(str(tmp_path / "ds"))
+    args = [
+        "--dataset",
+        str(tmp_path / "ds"),
+        "--model",
+        str(tiny_checkpoint / "base"),
+        "--output",
+        str(tmp_path / "o"),
+    ]
+    assert train_job.main([*args, "--fresh", "--steps", "1"]) == 2
+    assert "holds Value('string'), not images" in capsys.readouterr().err
+    assert train_job.main([*args, "--fresh", "--steps", "1", "--image-column", "picture"]) == 2
+    assert "no column 'picture'" in capsys.readouterr().err
 
 
 def test_rows_that_cannot_be_trained_on_refuse_the_run_naming_them(tiny_checkpoint, tmp_path, capsys):
@@ -203,14 +230,68 @@ def test_rows_that_cannot_be_trained_on_refuse_the_run_naming_them(tiny_checkpoi
         assert name in line
 
 
-def test_a_rerun_with_other_settings_is_refused_rather_than_mixed_in(grounding, tiny_checkpoint, tmp_path, capsys):
+def test_a_rerun_resumes_only_the_same_run_and_republishes_in_place(
+    grounding, tiny_checkpoint, tmp_path, capsys, ray_session
+):
+    from pipeline.training.run import check, run
+
+    out = tmp_path / "o"
+    options = dict(manifest=str(grounding), model=str(tiny_checkpoint / "base"), output=str(out), checkpoint_every=1)
+    config = small_config(**options)
+    run(config, check(config))
+    run(config, check(config))  # finished: publishes again, in place
+    assert sorted(p.name for p in (out / "glimpse").iterdir()) == ["config.json", "new_modules_gp.pt"]
+
+    args = ["--manifest", str(grounding), "--model", str(tiny_checkpoint / "base"), "--output", str(out)]
+    small = ["--fresh", "--fuse-size", "32", "--cond-size", "32", "--batch-size", "2", "--grad-accum", "1"]
+    assert train_job.main([*args, *small, "--steps", "5", "--le-weight", "0.5"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "other settings" in line and "steps: 2 → 5" in line and "le_weight: 1.0 → 0.5" in line
+
+    # The rows are part of the run: the same manifest path with other rows is another run.
+    changed = tmp_path / "changed.jsonl"
+    changed.write_text("\n".join(grounding.read_text().splitlines()[:-1]))
+    assert train_job.main(["--manifest", str(changed), *args[2:], *small, "--steps", "2"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "rows_digest" in line
+
+    # A missing checkpoint is named, with what to remove.
+    for step in (out / "checkpoints").glob("step_*"):
+        (step / "state.pt").unlink()
+    assert train_job.main([*args, *small, "--steps", "2"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "lacks state.pt" in line and "checkpoints to start over" in line
+
+
+def test_an_output_with_no_checkpoint_is_not_locked_by_an_earlier_failed_start(grounding, tiny_checkpoint, tmp_path):
+    from pipeline.training.run import check
+
     out = tmp_path / "o"
     out.mkdir()
-    (out / "_train_config.json").write_text(json.dumps({"steps": 3, "manifest": str(grounding)}))
-    args = ["--manifest", str(grounding), "--model", str(tiny_checkpoint / "base"), "--output", str(out)]
-    assert train_job.main([*args, "--fresh", "--steps", "5"]) == 2
-    (line,) = capsys.readouterr().err.strip().splitlines()
-    assert "other settings" in line and "steps: 3 → 5" in line
+    (out / "_train_config.json").write_text(json.dumps({"steps": 3, "layer": 10}))
+    check(small_config(manifest=str(grounding), model=str(tiny_checkpoint / "base"), output=str(out)))
+
+
+def test_a_run_where_every_row_fails_exits_1_and_says_the_modules_are_untrained(tiny_checkpoint, tmp_path, ray_session):
+    from pipeline.training.run import NothingTrained, check, run
+
+    rows = [
+        {
+            "id": f"r{i}",
+            "image": str(tmp_path / f"missing{i}.png"),
+            "question": "q",
+            "answer": "a",
+            "boxes": [[0, 0, 1, 1]],
+        }
+        for i in range(4)
+    ]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in rows))
+    config = small_config(manifest=str(manifest), model=str(tiny_checkpoint / "base"), output=str(tmp_path / "o"))
+    with pytest.raises(NothingTrained, match="no example could be prepared .4 rows failed, e.g. r.: not_found"):
+        run(config, check(config))
+    summary = json.loads((tmp_path / "o" / "_train_summary.json").read_text())
+    assert summary["failed_rows"] == 4 and summary["failed_examples"][0]["error"].startswith("not_found")
 
 
 def test_modules_that_do_not_fit_the_model_are_refused_before_ray(grounding, tiny_checkpoint, tmp_path, capsys):

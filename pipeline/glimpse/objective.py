@@ -74,7 +74,8 @@ def ref_token_mask(boxes: list[list[float]], grid_hw: tuple[int, int]) -> torch.
     h, w = grid_hw
     mask = torch.zeros((h, w), dtype=torch.bool)
     for x1, y1, x2, y2 in boxes:
-        mask[int(y1 * h) : min(int(y2 * h), h - 1) + 1, int(x1 * w) : min(int(x2 * w), w - 1) + 1] = True
+        rows = slice(max(int(y1 * h), 0), min(int(y2 * h), h - 1) + 1)
+        mask[rows, max(int(x1 * w), 0) : min(int(x2 * w), w - 1) + 1] = True
     return mask.flatten()
 
 
@@ -194,20 +195,36 @@ def _require_one_image(examples: list[Example]) -> None:
 
 def load_examples(cases_path: Path, root: Path, prompts, answer_start: str = "release") -> list[Example]:
     """Cases ({id, image, question, answer, boxes}; a JSON list or JSON lines), images under `root`;
-    the glimpse where the release's collator puts it, unless `answer_start` says otherwise."""
+    the glimpse where the release's collator puts it, unless `answer_start` says otherwise.
+    A case that cannot be used is a ValueError naming it."""
     from PIL import Image
 
+    from pipeline.training.data import parse_boxes
+
     text = cases_path.read_text()
-    cases = (
-        json.loads(text)
-        if text.lstrip().startswith("[")
-        else [json.loads(line) for line in text.splitlines() if line.strip()]
-    )
+    try:
+        cases = (
+            json.loads(text)
+            if text.lstrip().startswith("[")
+            else [json.loads(x) for x in text.splitlines() if x.strip()]
+        )
+    except ValueError as e:
+        raise ValueError(f"{cases_path} is not a JSON list or JSON lines: {e}") from None
+    if not cases:
+        raise ValueError(f"{cases_path} holds no cases")
     examples = []
-    for case in cases:
-        with Image.open(root / case["image"]) as image:
-            prompt = prompts.training([image], case["question"], case["answer"], answer_start)
-        examples.append(Example(str(case["id"]), prompt, case["boxes"]))
+    for n, case in enumerate(cases):
+        name = case.get("id", f"#{n}") if isinstance(case, dict) else f"#{n}"
+        try:
+            missing = {"id", "image", "question", "answer", "boxes"} - set(case)
+            if missing:
+                raise ValueError(f"lacks {sorted(missing)} (one `image` per case)")
+            boxes = parse_boxes(case["boxes"])
+            with Image.open(root / case["image"]) as image:
+                prompt = prompts.training([image], case["question"], case["answer"], answer_start)
+        except (ValueError, TypeError, OSError) as e:
+            raise ValueError(f"case {name}: {e}") from None
+        examples.append(Example(str(case["id"]), prompt, boxes))
     return examples
 
 
@@ -236,17 +253,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
 
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
     from pipeline.glimpse.prompts import PromptBuilder
 
+    try:  # the cases first: a bad one is reported before the model loads
+        prompts = PromptBuilder.from_pretrained(args.model, AutoConfig.from_pretrained(args.model))
+        examples = load_examples(args.cases, args.root or args.cases.parent, prompts, args.answer_start)
+    except (ValueError, OSError) as e:
+        parser.exit(2, f"error: {e}\n")
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         args.model, dtype=torch.float32, attn_implementation="sdpa", use_safetensors=True
     )
-    prompts = PromptBuilder.from_pretrained(args.model, model.config)
     modules = GlimpseModules.load(args.glimpse, model.config)
     objective = GlimpseObjective(model, modules, prompts.tokenizer.pad_token_id or 0).eval()
-    examples = load_examples(args.cases, args.root or args.cases.parent, prompts, args.answer_start)
     with args.out.open("w") as out, torch.no_grad():
         for start in range(0, len(examples), args.batch_size):
             batch = examples[start : start + args.batch_size]

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from pipeline.config import Options
 from pipeline.storage import StorageOptions
 
 
 class TrainConfig(Options):
+    model_config = ConfigDict(extra="forbid")
+
     manifest: str | None = Field(
         None, description="Parquet, JSONL or CSV rows with id, image, question, answer, boxes (local or URI)"
     )

@@ -49,14 +49,19 @@ SHOWN_PROBLEMS = 5
 
 
 def training_rows(
-    manifest: str | None, dataset: str | None, storage: StorageOptions, id_column: str = "id"
+    manifest: str | None,
+    dataset: str | None,
+    storage: StorageOptions,
+    id_column: str = "id",
+    image_column: str = "image",
 ) -> pa.Table:
     """Every row to train on (ROW_SCHEMA), read on the driver. A row that cannot be trained on
     (no answer, boxes out of range, not one image…) refuses the whole input, naming the first
     few: training on what is left would silently change the data."""
-    records = (
-        manifest_records(manifest, storage, TRAINING_COLUMNS) if manifest else _dataset_records(dataset, id_column)
-    )
+    if manifest:
+        records = manifest_records(manifest, storage, TRAINING_COLUMNS)
+    else:
+        records = _dataset_records(dataset, id_column, image_column)
     source = manifest or dataset
     if not records:
         raise ManifestError(f"{source} has no rows; nothing was run")
@@ -106,6 +111,8 @@ def parse_boxes(value) -> list[list[float]]:
     boxes = []
     for box in value:
         try:
+            if isinstance(box, (str, bytes)) or any(isinstance(v, bool) for v in box):
+                raise TypeError
             x1, y1, x2, y2 = (float(v) for v in box)
         except (TypeError, ValueError):
             raise InvalidRow(f"a box must be four numbers [x1, y1, x2, y2], not {box!r}") from None
@@ -115,12 +122,19 @@ def parse_boxes(value) -> list[list[float]]:
     return boxes
 
 
-def _dataset_records(directory: str, id_column: str) -> list[dict]:
+def _dataset_records(directory: str, id_column: str, image_column: str) -> list[dict]:
     """A `datasets` folder's rows without their images: the images stay on disk, memory-mapped,
     and preparation reads each one by its row index (`DIR#index`)."""
     import datasets
 
     ds = datasets.load_from_disk(directory)
+    if image_column not in ds.column_names:
+        raise ManifestError(f"dataset {directory} has no column {image_column!r}; it has {ds.column_names}")
+    if not isinstance(ds.features[image_column], datasets.Image):
+        raise ManifestError(
+            f"dataset {directory}: column {image_column!r} holds {ds.features[image_column]}, not images "
+            "(cast it with datasets.Image() before save_to_disk)"
+        )
     wanted = [c for c in (id_column, "question", "answer", "boxes") if c in ds.column_names]
     table = ds.select_columns(wanted).to_dict()
     n = len(ds)

@@ -39,6 +39,8 @@ def kept_iou(kept: list[int], grid_thw: list[list[int]], boxes: list[list[float]
     (_, h, w), *others = grid_thw
     if others:
         raise ValueError("box scores need one image per row")
+    if len(kept) != (h // merge) * (w // merge):
+        raise ValueError(f"a kept mask of {len(kept)} tokens does not fit the grid {h}×{w} merged by {merge}")
     kept_mask = torch.tensor(kept, dtype=torch.bool)
     box = ref_token_mask(boxes, (h // merge, w // merge))
     hit, union = int((kept_mask & box).sum()), int((kept_mask | box).sum())
@@ -69,9 +71,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", required=True, type=Path, help="the engine's JSON lines, with --emit-masks")
     parser.add_argument("--manifest", required=True, type=Path, help="JSON lines with id and boxes")
     args = parser.parse_args(argv)
-    manifest = [json.loads(line) for line in args.manifest.read_text().splitlines() if line.strip()]
-    results = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
-    result = score(results, {str(row["id"]): parse_boxes(row["boxes"]) for row in manifest})
+    try:
+        manifest = [json.loads(line) for line in args.manifest.read_text().splitlines() if line.strip()]
+        results = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
+        boxes = {str(row["id"]): parse_boxes(row["boxes"]) for row in manifest}
+        if len(boxes) != len(manifest):
+            raise ValueError(f"{args.manifest} repeats ids")
+        unknown = [r["id"] for r in results if r["id"] not in boxes]
+        if unknown:
+            raise ValueError(f"{len(unknown)} results have ids the manifest lacks, e.g. {unknown[0]!r}")
+        result = score(results, boxes)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        parser.exit(2, f"error: {type(e).__name__}: {e}\n")
     print(
         f"{result.rows} rows: kept-vs-box IoU {result.iou:.3f} (keeping everything: {result.box_share:.3f}); "
         f"kept {result.keep_ratio:.1%} of visual tokens; recall {result.recall:.3f}, precision {result.precision:.3f}"

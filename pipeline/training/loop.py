@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.glimpse.config import GlimpseConfig
 from pipeline.glimpse.modules import GlimpseModules
 from pipeline.glimpse.objective import GlimpseObjective, LossWeights, ObjectiveOutput
 from pipeline.glimpse.prompts import DTYPES, PromptBuilder
@@ -215,8 +216,13 @@ def _starting_modules(setup: dict, config: TrainConfig, model) -> tuple[GlimpseM
             return modules, torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
     if setup["init_glimpse"] is not None:
         return GlimpseModules.load(setup["init_glimpse"].local_dir(config.storage), model.config), {}
-    shape = glimpse_config(
-        model.config,
+    return fresh_modules(fresh_config(config, model.config), config.seed), {}
+
+
+def fresh_config(config: TrainConfig, model_config) -> GlimpseConfig:
+    """The shape of fresh modules for this base, with the run's overrides."""
+    return glimpse_config(
+        model_config,
         layer=config.layer,
         read_layers=config.read_layer_list,
         vision_blocks=config.vision_block_list,
@@ -224,7 +230,6 @@ def _starting_modules(setup: dict, config: TrainConfig, model) -> tuple[GlimpseM
         cond_size=config.cond_size,
         vip_heads=config.vip_heads,
     )
-    return fresh_modules(shape, config.seed), {}
 
 
 def _gather_failures(local: list[tuple[str, str]]) -> list[tuple[str, str]]:

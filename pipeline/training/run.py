@@ -28,7 +28,7 @@ from pipeline.glimpse.modules import check_fits
 from pipeline.storage import filesystem_for, protocol_of, pyarrow_filesystem
 from pipeline.training.config import TrainConfig
 from pipeline.training.data import ordered_dataset, prepare_training_batch, training_rows
-from pipeline.training.loop import MODULES_DIR, STATE_FILE, train_worker
+from pipeline.training.loop import MODULES_DIR, STATE_FILE, fresh_config, train_worker
 
 log = logging.getLogger("pipeline.training")
 # Ray Train's V2 API (restoring from the run's own storage, named checkpoint directories): the
@@ -41,16 +41,17 @@ PREPARE_CPUS = 0.5  # per preparation task: fetching and decoding images beside 
 CONFIG_FILE = "_train_config.json"
 SUMMARY_FILE = "_train_summary.json"
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of its checkpoints
-# Settings that fix the data order, the schedule and the modules' shape: a resumed run keeps them.
-RESUME_KEYS = (
-    "manifest", "dataset", "model", "model_revision", "init_glimpse", "fresh", "layer", "read_layers", "vision_blocks",
-    "fuse_size", "cond_size", "vip_heads", "steps", "batch_size", "grad_accum", "num_workers", "lr",
-    "warmup_ratio", "weight_decay", "seed",
-)  # fmt: skip
+# Settings a resumed run may change: how often it logs and checkpoints, where it reads from. Every
+# other setting (and the rows themselves) fixes the data order, the recipe or the modules' shape.
+FREE_ON_RESUME = ("log_every", "checkpoint_every", "keep_checkpoints", "storage", "prepare_batch_size")
 
 
 class TrainingError(ValueError):
     """The run cannot start as asked (one line, for the user)."""
+
+
+class NothingTrained(RuntimeError):
+    """The run finished without one example to learn from: every row failed to prepare."""
 
 
 @dataclass
@@ -67,14 +68,16 @@ def check(config: TrainConfig) -> Checked:
     from transformers import AutoConfig
 
     _check_output(config)
-    rows = training_rows(config.manifest, config.dataset, config.storage, config.id_column)
+    rows = training_rows(config.manifest, config.dataset, config.storage, config.id_column, config.image_column)
     model = resolve_checkpoint(config.model, config.model_revision, config.storage, role="model")
+    model_config = AutoConfig.from_pretrained(model.local_dir(config.storage))
     init = None
     if config.init_glimpse:
         init = resolve_checkpoint(config.init_glimpse, None, config.storage, role="glimpse")
-        model_config = AutoConfig.from_pretrained(model.local_dir(config.storage))
         check_fits(GlimpseConfig.load(init.local_dir(config.storage)), model_config)
-    _check_resumable(config)
+    else:
+        check_fits(fresh_config(config, model_config), model_config)
+    _check_resumable(config, rows)
     return Checked(model, init, rows)
 
 
@@ -82,26 +85,52 @@ def _check_output(config: TrainConfig) -> None:
     fs, path = filesystem_for(config.output, config.storage)
     if fs.exists(path) and not fs.isdir(path):
         raise TrainingError(f"--output {config.output} is a file, not a directory")
+    if protocol_of(config.output) == "file":
+        try:
+            fs.makedirs(path, exist_ok=True)
+        except OSError as e:
+            raise TrainingError(f"--output {config.output} cannot be created: {e.strerror or e}") from None
 
 
-def _check_resumable(config: TrainConfig) -> None:
-    """A rerun into the same output resumes it, so it must be the same run."""
+def _check_resumable(config: TrainConfig, rows: pa.Table) -> None:
+    """A rerun into an output that holds a checkpoint resumes it, so it must be the same run."""
+    step, _ = resume_point(config)
+    if not step:
+        return
     fs, path = filesystem_for(config.output, config.storage)
     saved_path = f"{path.rstrip('/')}/{CONFIG_FILE}"
-    if not fs.exists(saved_path):
-        return
-    saved = json.loads(fs.cat_file(saved_path))
-    ours = _resume_settings(config)
-    changed = [f"{key}: {saved.get(key)!r} → {ours[key]!r}" for key in RESUME_KEYS if saved.get(key) != ours[key]]
+    saved = json.loads(fs.cat_file(saved_path)) if fs.exists(saved_path) else {}
+    ours = _resume_settings(config, rows)
+    changed = [f"{key}: {saved.get(key)!r} → {ours[key]!r}" for key in ours if saved.get(key) != ours[key]]
     if changed:
         raise TrainingError(
             f"{config.output} holds a run with other settings ({'; '.join(changed)}); rerun with the same "
             "settings to resume it, or give another --output"
         )
+    latest = _latest_checkpoint_dir(config)
+    for name in (STATE_FILE, f"{MODULES_DIR}/new_modules_gp.pt"):
+        if not fs.exists(f"{path.rstrip('/')}/{RUN_NAME}/{latest}/{name}"):
+            raise TrainingError(
+                f"the run's last checkpoint {config.output}/{RUN_NAME}/{latest} lacks {name}; remove "
+                f"{config.output}/{RUN_NAME} to start over, or give another --output"
+            )
 
 
-def _resume_settings(config: TrainConfig) -> dict:
-    return {key: getattr(config, key) for key in RESUME_KEYS}
+def _resume_settings(config: TrainConfig, rows: pa.Table) -> dict:
+    settings = json.loads(config.model_dump_json(exclude=set(FREE_ON_RESUME)))
+    return {**settings, "rows_digest": _digest(rows)}
+
+
+def _digest(rows: pa.Table) -> str:
+    """What changes when a row (its id, image, question, answer or boxes) or their order changes."""
+    import hashlib
+
+    import pyarrow.ipc
+
+    sink = pa.BufferOutputStream()
+    with pyarrow.ipc.new_stream(sink, rows.schema) as writer:
+        writer.write_table(rows)
+    return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()[:16]
 
 
 def run(config: TrainConfig, checked: Checked) -> dict:
@@ -119,7 +148,9 @@ def run(config: TrainConfig, checked: Checked) -> dict:
         raise TrainingError(problem)
     fs, root = filesystem_for(config.output, config.storage)
     fs.makedirs(root, exist_ok=True)
-    fs.pipe_file(f"{root.rstrip('/')}/{CONFIG_FILE}", json.dumps(_resume_settings(config), indent=2).encode())
+    fs.pipe_file(
+        f"{root.rstrip('/')}/{CONFIG_FILE}", json.dumps(_resume_settings(config, checked.rows), indent=2).encode()
+    )
     step, start = resume_point(config)
     total = config.steps * config.rows_per_step
     started = time.time()
@@ -169,6 +200,8 @@ def run(config: TrainConfig, checked: Checked) -> dict:
         )
         try:
             trainer.fit()
+        except SystemExit:  # Ray Train's SIGINT handler aborts the run and exits
+            raise KeyboardInterrupt from None
         finally:
             progress.put(None)
             printer.join(timeout=5)
@@ -249,7 +282,9 @@ def publish(config: TrainConfig, checked: Checked, seconds: float) -> dict:
         if not (local / STATE_FILE).exists():  # fsspec copies into scratch/<name> when scratch exists
             local = local / latest
         state = torch.load(local / STATE_FILE, map_location="cpu", weights_only=True)["run"]
-        fs.put(str(local / MODULES_DIR), f"{root}/{MODULES_DIR}", recursive=True)
+        fs.makedirs(f"{root}/{MODULES_DIR}", exist_ok=True)
+        for module_file in sorted((local / MODULES_DIR).iterdir()):
+            fs.put_file(str(module_file), f"{root}/{MODULES_DIR}/{module_file.name}")
     history = state["history"]
     summary = {
         "steps": state["step"],
@@ -269,6 +304,12 @@ def publish(config: TrainConfig, checked: Checked, seconds: float) -> dict:
         "config": json.loads(config.model_dump_json(exclude={"storage"})),
     }
     fs.pipe_file(f"{root}/{SUMMARY_FILE}", json.dumps(_finite(summary), indent=2).encode())
+    if not any(window["examples"] for window in history):
+        first = state["failed"][0] if state["failed"] else ("?", "?")
+        raise NothingTrained(
+            f"no example could be prepared ({state['failed_count']} rows failed, e.g. {first[0]}: {first[1]}); "
+            f"the modules in {summary['glimpse']} are untrained"
+        )
     return summary
 
 
