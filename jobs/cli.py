@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from types import UnionType
 from typing import Literal, NoReturn, Union, get_args, get_origin
 
 from pipeline.config import JobConfig, Options
 
+EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception): ")
 INTERRUPTED = 130  # exit status after Ctrl-C: rerun the same command to resume
 STORAGE_FLAGS = {"s3_endpoint_url": "endpoint_url", "s3_region": "region", "s3_anon": "anon"}
 
@@ -148,6 +150,34 @@ def error(message: str, code: int = 2) -> int:
     """A problem reported in one line on stderr, no traceback; returns the exit status."""
     print(f"error: {message}", file=sys.stderr)
     return code
+
+
+def refused(problem: Exception) -> int:
+    """A mistake found before anything ran: one line, exit 2. OS errors keep their kind."""
+    return error(f"{type(problem).__name__}: {problem}" if isinstance(problem, OSError) else str(problem))
+
+
+def failed_while_running(problem: Exception, what: str, verbose: bool, logs: str | None) -> int:
+    """A failure at run time: one line naming its cause and the logs, exit 1 (with -v, the traceback)."""
+    if verbose:
+        raise problem
+    where = logs or "the Ray session's log directory"
+    return error(f"{what}: {root_cause(problem)} (rerun with -v for Ray's output; logs in {where})", 1)
+
+
+def root_cause(error: BaseException) -> str:
+    """What failed, in one line. Ray wraps a worker's error in its own, with the worker's
+    traceback as text: the last exception line in it that is not Ray's own names the cause."""
+    chain = [error]
+    while (inner := getattr(error, "cause", None) or error.__cause__) is not None and inner not in chain:
+        chain.append(error := inner)
+    lines = [line.strip() for e in chain for line in str(e).splitlines()]
+    named = [line for line in lines if EXCEPTION_LINE.match(line)]
+    own = [line for line in named if not line.startswith("ray.")]
+    if own:
+        return own[-1]
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[-1]}" if text else type(error).__name__
 
 
 def _kind(annotation) -> dict:

@@ -11,8 +11,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.cli import JobArgumentParser, add_config_options, add_run_options, config_from_args, error, run_main
-from jobs.vqa import root_cause
+from jobs.cli import (
+    JobArgumentParser,
+    add_config_options,
+    add_run_options,
+    config_from_args,
+    error,
+    failed_while_running,
+    refused,
+    run_main,
+)
 from pipeline.training.config import TrainConfig
 
 OPTION_GROUPS = {
@@ -72,7 +80,7 @@ def train(args: argparse.Namespace) -> int:
         config = config_from_args(args, TrainConfig)
         checked = check(config)
     except (ValueError, CheckpointError, GlimpseError, UnsupportedURI, OSError) as e:
-        return error(f"{e}" if not isinstance(e, OSError) else f"{type(e).__name__}: {e}")
+        return refused(e)
     try:
         logs = start_ray(args.ray_address, args.verbose)
     except ClusterError as e:
@@ -84,10 +92,7 @@ def train(args: argparse.Namespace) -> int:
     except NothingTrained as e:
         return error(str(e), 1)
     except Exception as e:
-        if args.verbose:
-            raise
-        where = logs or "the Ray session's log directory"
-        return error(f"training failed: {root_cause(e)} (rerun with -v for Ray's output; logs in {where})", 1)
+        return failed_while_running(e, "training failed", args.verbose, logs)
     final = summary["final"] or {}
     print(
         f"trained {summary['steps']} steps on {summary['examples_consumed']} examples "

@@ -10,12 +10,18 @@ location, lease, or a resume of other work); 130 interrupted (rerun the same com
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 
-from jobs.cli import JobArgumentParser, add_job_options, add_run_options, error, job_config, run_main
-
-EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception): ")
+from jobs.cli import (
+    JobArgumentParser,
+    add_job_options,
+    add_run_options,
+    error,
+    failed_while_running,
+    job_config,
+    refused,
+    run_main,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +56,7 @@ def run_job(args: argparse.Namespace) -> int:
         config = job_config(args)
         checked = check(config)  # before Ray starts: a mistake costs a second, not a cluster start
     except (ValueError, OutputError, UnsupportedURI, OSError) as e:  # options, config, input, model, output
-        return error(f"{e}" if not isinstance(e, OSError) else f"{type(e).__name__}: {e}")
+        return refused(e)
     try:
         logs = start_ray(args.ray_address, args.verbose)
     except ClusterError as e:
@@ -65,27 +71,9 @@ def run_job(args: argparse.Namespace) -> int:
         print("\n".join(e.summary.lines()))
         return error(str(e), 1)
     except Exception as e:
-        if args.verbose:
-            raise
-        where = logs or "the Ray session's log directory"
-        return error(f"the job failed: {root_cause(e)} (rerun with -v for Ray's output; logs in {where})", 1)
+        return failed_while_running(e, "the job failed", args.verbose, logs)
     print("\n".join(summary.lines()))
     return 0
-
-
-def root_cause(error: BaseException) -> str:
-    """What failed, in one line. Ray wraps a worker's error in its own, with the worker's
-    traceback as text: the last exception line in it that is not Ray's own names the cause."""
-    chain = [error]
-    while (inner := getattr(error, "cause", None) or error.__cause__) is not None and inner not in chain:
-        chain.append(error := inner)
-    lines = [line.strip() for e in chain for line in str(e).splitlines()]
-    named = [line for line in lines if EXCEPTION_LINE.match(line)]
-    own = [line for line in named if not line.startswith("ray.")]
-    if own:
-        return own[-1]
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[-1]}" if text else type(error).__name__
 
 
 if __name__ == "__main__":

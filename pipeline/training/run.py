@@ -94,8 +94,8 @@ def _check_output(config: TrainConfig) -> None:
 
 def _check_resumable(config: TrainConfig, rows: pa.Table) -> None:
     """A rerun into an output that holds a checkpoint resumes it, so it must be the same run."""
-    step, _ = resume_point(config)
-    if not step:
+    latest = _latest_recorded(config)
+    if not latest:
         return
     fs, path = filesystem_for(config.output, config.storage)
     saved_path = f"{path.rstrip('/')}/{CONFIG_FILE}"
@@ -107,11 +107,11 @@ def _check_resumable(config: TrainConfig, rows: pa.Table) -> None:
             f"{config.output} holds a run with other settings ({'; '.join(changed)}); rerun with the same "
             "settings to resume it, or give another --output"
         )
-    latest = _latest_checkpoint_dir(config)
+    directory = latest["checkpoint_dir_name"]
     for name in (STATE_FILE, f"{MODULES_DIR}/new_modules_gp.pt"):
-        if not fs.exists(f"{path.rstrip('/')}/{RUN_NAME}/{latest}/{name}"):
+        if not fs.exists(f"{path.rstrip('/')}/{RUN_NAME}/{directory}/{name}"):
             raise TrainingError(
-                f"the run's last checkpoint {config.output}/{RUN_NAME}/{latest} lacks {name}; remove "
+                f"the run's last checkpoint {config.output}/{RUN_NAME}/{directory} lacks {name}; remove "
                 f"{config.output}/{RUN_NAME} to start over, or give another --output"
             )
 
@@ -229,28 +229,29 @@ def _train_storage(config: TrainConfig):
     """Ray Train's storage for OUTPUT: a local directory, or a filesystem and path for a URI."""
     if protocol_of(config.output) == "file":
         return None, str(Path(config.output.removeprefix("file://")).expanduser().resolve())
-    fs, path = pyarrow_filesystem(config.output, config.storage)
-    return fs, path
+    return pyarrow_filesystem(config.output, config.storage)
 
 
 def resume_point(config: TrainConfig) -> tuple[int, int]:
     """(step, examples consumed) of the latest checkpoint Ray Train recorded in OUTPUT, or (0, 0)."""
-    snapshot = _snapshot(config)
-    latest = (snapshot or {}).get("latest_checkpoint_result")
+    latest = _latest_recorded(config)
     if not latest:
         return 0, 0
     metrics = latest.get("metrics") or {}
     return int(metrics["step"]), int(metrics["examples_consumed"])
 
 
-def _snapshot(config: TrainConfig) -> dict | None:
+def _latest_recorded(config: TrainConfig) -> dict:
+    """Ray Train's record of the run's latest checkpoint (its directory name and the metrics
+    reported with it), read from its snapshot in OUTPUT/checkpoints; {} when there is none."""
     fs, root = filesystem_for(config.output, config.storage)
     path = f"{root.rstrip('/')}/{RUN_NAME}/{SNAPSHOT_FILE}"
     if not fs.exists(path):
-        return None
+        return {}
     snapshot = json.loads(fs.cat_file(path))
     # Ray Train stores its state as JSON text inside the file in some versions.
-    return json.loads(snapshot) if isinstance(snapshot, str) else snapshot
+    snapshot = json.loads(snapshot) if isinstance(snapshot, str) else snapshot
+    return snapshot.get("latest_checkpoint_result") or {}
 
 
 def _print_progress(queue, steps: int) -> None:
@@ -273,7 +274,7 @@ def publish(config: TrainConfig, checked: Checked, seconds: float) -> dict:
 
     fs, root = filesystem_for(config.output, config.storage)
     root = root.rstrip("/")
-    latest = _latest_checkpoint_dir(config)
+    latest = _latest_recorded(config).get("checkpoint_dir_name")
     if latest is None:
         raise TrainingError(f"no checkpoint under {config.output}/{RUN_NAME}: the run saved none")
     with tempfile.TemporaryDirectory() as scratch:
@@ -311,11 +312,6 @@ def publish(config: TrainConfig, checked: Checked, seconds: float) -> dict:
             f"the modules in {summary['glimpse']} are untrained"
         )
     return summary
-
-
-def _latest_checkpoint_dir(config: TrainConfig) -> str | None:
-    latest = ((_snapshot(config) or {}).get("latest_checkpoint_result")) or {}
-    return latest.get("checkpoint_dir_name")
 
 
 def _finite(value):
