@@ -54,7 +54,10 @@ OPTION_GROUPS = {
     "output and accounting": (
         "output",
         "control_fraction",
-        "gpu_hourly_usd",
+        "control_rows",
+        "metric",
+        "keep_masks",
+        "hourly_usd",
         "progress_interval_s",
         "max_failed_fraction",
         "lease_timeout_s",

@@ -68,11 +68,11 @@ def run_job(args: argparse.Namespace) -> int:
     except LeaseLost as e:
         return error(f"{e}; nothing was published", 1)
     except TooManyFailures as e:
-        print("\n".join(e.summary.lines()))
+        print("\n".join([*e.summary.headline(), *e.summary.lines()]))
         return error(str(e), 1)
     except Exception as e:
         return failed_while_running(e, "the job failed", args.verbose, logs)
-    print("\n".join(summary.lines()))
+    print("\n".join([*summary.headline(), *summary.lines()]))
     return 0
 
 

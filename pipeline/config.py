@@ -134,8 +134,18 @@ class JobConfig(Options):
     control_fraction: float = Field(
         0.0, ge=0, le=1, description="share of rows also run unpruned, to measure savings and agreement"
     )
-    gpu_hourly_usd: float | None = Field(
-        None, ge=0, allow_inf_nan=False, description="GPU price per hour, for the cost estimate"
+    control_rows: int | None = Field(
+        None, ge=1, description="run this many rows also unpruned (a fixed sample by id), instead of a fraction"
+    )
+    metric: Literal["vqa", "exact", "anls", "contains"] | None = Field(
+        None, description="how answers are scored against the references (none: vqa with 3+ references, else exact)"
+    )
+    keep_masks: bool = Field(False, description="store each row's kept mask (bit-packed) for the report's gallery")
+    hourly_usd: float | None = Field(
+        None,
+        ge=0,
+        allow_inf_nan=False,
+        description="price of one answering device per hour (a GPU; a CPU on GPU-less runs), for the costs",
     )
     progress_interval_s: float = Field(30.0, gt=0, allow_inf_nan=False, description="seconds between progress lines")
     max_failed_fraction: float = Field(
@@ -181,6 +191,8 @@ class JobConfig(Options):
             raise ValueError("glimpse modules need their model: set model too")
         if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
             raise ValueError(f"min_pixels {self.min_pixels} is over max_pixels {self.max_pixels}")
+        if self.control_rows and self.control_fraction:
+            raise ValueError("give control_rows or control_fraction, not both")
         low, high = self.actor_pool
         if not 1 <= low <= high:
             raise ValueError(f"num_actors {self.num_actors}: need 1 <= MIN <= MAX")

@@ -33,6 +33,9 @@ ANSWER_OPTIONS = (
     "max_image_pixels",
     "max_question_tokens",
     "control_fraction",
+    "control_rows",
+    "metric",
+    "keep_masks",
     "kv_cache_gib",  # a row whose answer alone passes the budget fails as invalid_row
     "image_column",
     "question_column",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 import uuid
@@ -12,12 +11,15 @@ import torch
 
 from pipeline import faults
 from pipeline.checkpoints import Checkpoint
+from pipeline.control import in_control_sample
 from pipeline.failures import RowFailure, describe
 from pipeline.glimpse.engine import GlimpseEngine, Request, Result
 from pipeline.glimpse.prompts import PreparedPrompt
 from pipeline.glimpse.sampling import SamplingParams
+from pipeline.keep_masks import pack
 from pipeline.metrics import JobMetrics
 from pipeline.progress import batch_counts
+from pipeline.scoring import score_columns
 from pipeline.storage import StorageOptions
 from schemas import CARRIED_COLUMNS, RESULT_SCHEMA, align
 
@@ -38,10 +40,13 @@ class Answerer:
         attn: str = "sdpa",
         selection: dict | None = None,
         control_fraction: float = 0.0,
+        control_ids: frozenset[str] = frozenset(),
         progress=None,
         prefill_rows: int | None = None,
         kv_cache_gib: float | None = None,
         ignore_eos: bool = False,
+        keep_masks: bool = False,
+        metric: str | None = None,
     ) -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.engine = GlimpseEngine.from_pretrained(
@@ -57,6 +62,8 @@ class Answerer:
         self.model_name = model.location
         self.glimpse_name = glimpse.location if self.prune else None
         self.control_fraction = control_fraction if self.prune else 0.0
+        self.control_ids = control_ids if self.prune else frozenset()
+        self.keep_masks, self.metric = keep_masks, metric
         self.progress = progress
         self.metrics = JobMetrics()
         self.actor = uuid.uuid4().hex  # this actor, to the progress counter
@@ -74,9 +81,15 @@ class Answerer:
         todo = [row for row in rows if row["error"] is None]
         results = self._answer(todo, self.prune) if todo else {}
         out = [self._output(row, results.get(row["id"])) for row in rows]
-        control = [row for row in todo if in_control_sample(row["id"], self.control_fraction)]
+        control = [
+            row for row in todo if row["id"] in self.control_ids or in_control_sample(row["id"], self.control_fraction)
+        ]
         if control:
             self._add_control(control, {row["id"]: row for row in out})
+        for row in out:
+            row.update(
+                score_columns(row["references"], row.get("answer"), row.get("control_unpruned_answer"), self.metric)
+            )
         table = align(out, RESULT_SCHEMA)
         counts = batch_counts(out)
         self.metrics.record(counts, self.engine_s)
@@ -106,7 +119,7 @@ class Answerer:
         prompts = [PreparedPrompt.from_columns(row) for row in rows]
         try:
             faults.before_engine(len(rows))
-            return {r.id: r for r in self._generate(requests, prompts, prune)}
+            return {r.id: r for r in self._generate(requests, prompts, prune, emit_masks=self.keep_masks)}
         except torch.OutOfMemoryError as e:
             failure, out_of_memory = str(e), True  # the message only: the exception holds the traceback
         except Exception as e:
@@ -129,11 +142,13 @@ class Answerer:
             out.update(self._answer([row], prune))
         return out
 
-    def _generate(self, requests: list[Request], prompts: list[PreparedPrompt], prune: bool) -> list[Result]:
+    def _generate(
+        self, requests: list[Request], prompts: list[PreparedPrompt], prune: bool, emit_masks: bool
+    ) -> list[Result]:
         """The engine call, its wall time added to this call's engine seconds (busy time)."""
         started = time.perf_counter()
         try:
-            return self.engine.generate_prepared(requests, prompts, prune=prune, **self.batching)
+            return self.engine.generate_prepared(requests, prompts, prune, emit_masks, **self.batching)
         finally:
             self.engine_s += time.perf_counter() - started
 
@@ -159,15 +174,10 @@ class Answerer:
             out["error_code"], out["error"] = describe(result)
         elif result is not None:
             out.update({k: v for k, v in result.columns().items() if k in RESULT_SCHEMA.names and k not in out})
+            if result.kept_mask is not None:
+                out["kept_mask"] = pack(result.kept_mask)
+                out["image_grid_thw"] = [n for grid in result.image_grid_thw for n in grid]
         return out
-
-
-def in_control_sample(row_id: str, fraction: float) -> bool:
-    """A deterministic sample by id: the same rows are controls in every run and on every actor."""
-    if fraction <= 0:
-        return False
-    digest = hashlib.blake2b(row_id.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") < fraction * 2**64
 
 
 def cache_budget_bytes(kv_cache_gib: float | None, device: str) -> int | None:

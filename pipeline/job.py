@@ -13,12 +13,13 @@ from pipeline import faults
 from pipeline.checkpoints import Checkpoint
 from pipeline.cluster import ClusterError, started_locally
 from pipeline.config import JobConfig
+from pipeline.control import control_sample
 from pipeline.fingerprint import job_fingerprint
 from pipeline.lineage import job_lineage, now
 from pipeline.output import OutputDir, new_run_id
 from pipeline.plan import Plan, locate, make_plan, unschedulable
 from pipeline.progress import ProgressCounter, ProgressLog
-from pipeline.sources import check_ids, read_source
+from pipeline.sources import check_ids, listed_ids, read_source
 from pipeline.stages import AnswerStage, PrepareStage
 from pipeline.summary import Summary, summarize
 from schemas import SUMMARY_COLUMNS
@@ -26,12 +27,14 @@ from schemas import SUMMARY_COLUMNS
 
 @dataclass(frozen=True)
 class Checked:
-    """What `check` found: the output location, the input's ids, the model and its modules."""
+    """What `check` found: the output location, the input's ids, the model and its modules, and
+    the rows also run unpruned (--control-rows)."""
 
     output: OutputDir
     input_ids: set[str] | None
     model: Checkpoint
     glimpse: Checkpoint | None
+    control_ids: frozenset[str] = frozenset()
 
 
 def check(config: JobConfig) -> Checked:
@@ -42,13 +45,17 @@ def check(config: JobConfig) -> Checked:
     output.check_location()
     input_ids = check_ids(config)
     model, glimpse = locate(config)
-    return Checked(output, input_ids, model, glimpse)
+    control_ids = frozenset()
+    if config.control_rows:
+        control_ids = control_sample(input_ids if input_ids is not None else listed_ids(config), config.control_rows)
+    return Checked(output, input_ids, model, glimpse, control_ids)
 
 
-def build_dataset(plan: Plan, source, progress=None):
+def build_dataset(plan: Plan, source, progress=None, control_ids: frozenset[str] = frozenset()):
     """The lazy pipeline over manifest rows: prepare → answer. Nothing runs until it is consumed
-    or written. `progress`: a ProgressCounter the answering actors report to."""
-    return AnswerStage.from_plan(plan, progress)(PrepareStage.from_plan(plan)(source))
+    or written. `progress`: a ProgressCounter the answering actors report to; `control_ids`:
+    the rows also run unpruned."""
+    return AnswerStage.from_plan(plan, progress, control_ids)(PrepareStage.from_plan(plan)(source))
 
 
 class TooManyFailures(Exception):
@@ -86,12 +93,20 @@ def run(
             source = source.map_batches(drop_ids, fn_kwargs=dict(ids=done), batch_format="pyarrow")
         counter = ProgressCounter.remote()
         with ProgressLog(counter, config.progress_interval_s) as progress:
-            output.write_pending(build_dataset(plan, source, counter), run_id, lineage)
+            output.write_pending(build_dataset(plan, source, counter, checked.control_ids), run_id, lineage)
         faults.reached("written")
         output.publish()
         table = output.read_results(SUMMARY_COLUMNS)
+        device = "GPU" if plan.gpus_per_actor else "CPU"
+        devices = max(progress.final["actors"], 1) * (plan.gpus_per_actor or 1)
         summary = summarize(
-            table, config.output, time.perf_counter() - started, config.gpu_hourly_usd, progress.final["engine_busy"]
+            table,
+            config.output,
+            time.perf_counter() - started,
+            config.hourly_usd,
+            progress.final["engine_busy"],
+            device,
+            devices,
         )
         output.finish({**asdict(summary), "lineage": {**lineage, "finished_at": now()}})
         faults.reached("finished")

@@ -4,6 +4,7 @@ and remove only what it wrote.
 
     OUTPUT/*.parquet      the results, moved here from _pending when the run ends
     OUTPUT/_summary.json  the job's totals
+    OUTPUT/_scores.parquet  scores written offline by `jobs.score`; they replace the rows' own
     OUTPUT/_job.json      the job record: fingerprint, runs, state, the result files it published
     OUTPUT/_lease.json    present while a run writes (pipeline.lease)
     OUTPUT/_pending/RUN/  a run's results while it writes (readers skip `_` names)
@@ -26,12 +27,14 @@ from pipeline import faults
 from pipeline.fingerprint import differences
 from pipeline.lease import LEASE_FILE, LocalLease, ObjectLease
 from pipeline.lineage import file_schema
+from pipeline.scoring import SCORE_COLUMNS, with_scores
 from pipeline.storage import StorageOptions, filesystem_for, protocol_of, pyarrow_filesystem
 from pipeline.summary import SUMMARY_FILE
 from schemas import RESULT_SCHEMA
 
 log = logging.getLogger(__name__)
 PENDING = "_pending"
+SCORES_FILE = "_scores.parquet"
 RECORD_FILE = "_job.json"
 STARTED_FILE = "_started"
 STATES = ("running", "publishing", "done", "overwriting")
@@ -199,7 +202,28 @@ class OutputDir:
             return pa.schema([RESULT_SCHEMA.field(c) for c in columns]).empty_table()
         arrow_fs, _ = pyarrow_filesystem(self.uri, self.storage)
         paths = [f"{self.path}/{name}" for name in record.files]
-        return pq.ParquetDataset(paths, filesystem=arrow_fs).read(columns=columns)
+        scores = self._read_scores() if set(columns) & set(SCORE_COLUMNS) else None
+        if scores is None:
+            return pq.ParquetDataset(paths, filesystem=arrow_fs).read(columns=columns)
+        table = pq.ParquetDataset(paths, filesystem=arrow_fs).read(columns=list(dict.fromkeys([*columns, "id"])))
+        return with_scores(table, scores).select(columns)
+
+    def write_scores(self, scores: pa.Table) -> None:
+        """Offline scores (id and SCORE_COLUMNS) beside a finished job's results; read_results
+        gives them in place of the rows' own. A later run of the job removes them."""
+        record = self._read_record()
+        if record is None or record.state != "done":
+            raise OutputError(f"{self.uri} holds no finished job output to score")
+        buffer = pa.BufferOutputStream()
+        pq.write_table(scores, buffer)
+        self.fs.pipe_file(f"{self.path}/{SCORES_FILE}", buffer.getvalue().to_pybytes())
+
+    def _read_scores(self) -> pa.Table | None:
+        path = f"{self.path}/{SCORES_FILE}"
+        if not self.fs.exists(path):
+            return None
+        with self.fs.open(path, "rb") as f:
+            return pq.read_table(f)
 
     def read_summary(self) -> dict:
         """The job's `_summary.json`, or {} before the job has written it."""
@@ -208,9 +232,12 @@ class OutputDir:
 
     def finish(self, summary: dict) -> None:
         """Writes the summary, then marks the job done."""
-        self.fs.pipe_file(f"{self.path}/{SUMMARY_FILE}", json.dumps(summary, indent=2).encode())
+        self.write_summary(summary)
         self.record.state = "done"
         self._write_record()
+
+    def write_summary(self, summary: dict) -> None:
+        self.fs.pipe_file(f"{self.path}/{SUMMARY_FILE}", json.dumps(summary, indent=2).encode())
 
     def _read_record(self) -> JobRecord | None:
         path = f"{self.path}/{RECORD_FILE}"
@@ -236,7 +263,7 @@ class OutputDir:
         runs = record.runs if record is not None else []
         files = {RECORD_FILE, LEASE_FILE}
         if record is not None:
-            files |= {SUMMARY_FILE, *record.files}
+            files |= {SUMMARY_FILE, SCORES_FILE, *record.files}
         foreign = [
             name
             for name, kind in entries.items()
@@ -270,7 +297,7 @@ class OutputDir:
         first, so that an --overwrite cut short is never taken for a finished or resumable job."""
         self.record = JobRecord(record.fingerprint, [*record.runs, run_id], "overwriting", record.files)
         self._write_record()
-        owned = [f"{self.path}/{name}" for name in [*record.files, SUMMARY_FILE]]
+        owned = [f"{self.path}/{name}" for name in [*record.files, SUMMARY_FILE, SCORES_FILE]]
         log.warning("--overwrite: removing %d files of the earlier job in %s", len(record.files), self.uri)
         for path in owned:
             self._remove(path)

@@ -46,7 +46,8 @@ class ProgressCounter:
 
     def snapshot(self) -> dict:
         span = sum(last - first for first, last in self.spans.values())
-        return {**self.totals, "engine_busy": min(self.engine_s / span, 1.0) if span > 0 else None}
+        busy = min(self.engine_s / span, 1.0) if span > 0 else None
+        return {**self.totals, "engine_busy": busy, "actors": len(self.spans)}
 
 
 def progress_line(totals: dict, elapsed_s: float) -> str:

@@ -33,7 +33,7 @@ def read_source(config: JobConfig):
 
 # Manifest columns read as text whatever their cells look like, so ids stay as written (`007`
 # is not 7, `1e3` not 1000.0), and each row's values are checked on their own (normalize_row).
-TEXT_COLUMNS = ("id", "image", "images", "question", "max_new_tokens")
+TEXT_COLUMNS = ("id", "image", "images", "question", "max_new_tokens", "answers", "answer_ref")
 MAX_NEW_TOKENS_LIMIT = 2**31 - 1  # int32 in the schemas; the model's own limit is checked later
 
 
@@ -91,12 +91,13 @@ def normalize_row(row: dict) -> dict:
     """One manifest row → MANIFEST_SCHEMA's columns. `image` (one URI) or `images` (a list, or in
     CSV a JSON list) → `images`; ids as strings, missing ones (null, NaN) as "" for check_ids to
     name. A value of the wrong type or range marks the row `invalid_row`; it fails alone."""
-    out = {"id": row_id(row.get("id")), "images": [], "question": None, "max_new_tokens": None}
+    out = {"id": row_id(row.get("id")), "images": [], "question": None, "max_new_tokens": None, "references": None}
     out["error_code"], out["error"] = ("invalid_row", row["error"]) if row.get("error") else (None, None)
     try:
         out["images"] = image_list(row.get("image"), row.get("images"))
         out["question"] = optional_text(row.get("question"), "question")
         out["max_new_tokens"] = optional_token_count(row.get("max_new_tokens"))
+        out["references"] = reference_list(row.get("answers"), row.get("answer_ref"))
     except InvalidRow as e:
         out["error_code"], out["error"] = "invalid_row", str(e)
     return out
@@ -120,6 +121,25 @@ def image_list(image, images) -> list[str]:
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) and not isinstance(v, JsonNumber) for v in value):
         return list(value)
     raise InvalidRow(f"`images` must be URIs (strings), not {_kind(value)}")
+
+
+def reference_list(answers, answer_ref) -> list[str] | None:
+    """The row's reference answers: `answers` (a list; in CSV a JSON list) or `answer_ref` (one),
+    numbers as written; None when the row has none. An empty `answers` list means none."""
+    if answers is not None and answer_ref is not None:
+        raise InvalidRow("the row gives both `answers` and `answer_ref`; give one")
+    if answer_ref is not None:
+        if not isinstance(answer_ref, str):
+            raise InvalidRow(f"`answer_ref` must be text, not {_kind(answer_ref)}")
+        return [str(answer_ref)]
+    if answers is None:
+        return None
+    if isinstance(answers, str) and not isinstance(answers, JsonNumber):
+        listed = _json_list(answers)
+        answers = listed if listed is not None else [answers]
+    if not isinstance(answers, (list, tuple)) or not all(isinstance(a, str) for a in answers):
+        raise InvalidRow(f"`answers` must be a list of texts, not {_kind(answers)}")
+    return [str(a) for a in answers] or None
 
 
 def _json_list(text: str) -> list[str] | None:
@@ -205,6 +225,18 @@ def check_ids(config: JobConfig, shown: int = 10) -> set[str] | None:
     if problems:
         raise ManifestError("; ".join(problems) + ". Every row needs a unique id; nothing was run.")
     return set(seen)
+
+
+def listed_ids(config: JobConfig) -> list[str]:
+    """The ids of an input that makes its own (check_ids gives None): an image prefix's paths,
+    the samples' case ids, a dataset's row indexes."""
+    if config.images:
+        return [name for name, _, _ in image_listing(config.images, config.storage)]
+    if config.dataset:
+        import datasets
+
+        return [str(i) for i in range(len(datasets.load_from_disk(config.dataset)))]
+    return [case["id"] for case in json.loads((SAMPLES_DIR / "cases.json").read_text())]
 
 
 def manifest_ids(config: JobConfig) -> list[tuple[str, list[str], str | None]]:
@@ -348,9 +380,15 @@ def dataset_rows(batch: pa.Table, *, dataset: str, id_column: str, question_colu
 
 
 def bundled_samples(config: JobConfig):
+    """The sample images with their questions and reference answers."""
     cases = json.loads((SAMPLES_DIR / "cases.json").read_text())
     rows = [
-        {"id": c["id"], "images": [str(Path(SAMPLES_DIR, p).resolve()) for p in c["images"]], "question": c["question"]}
+        {
+            "id": c["id"],
+            "images": [str(Path(SAMPLES_DIR, p).resolve()) for p in c["images"]],
+            "question": c["question"],
+            "references": c.get("answers"),
+        }
         for c in cases
     ]
     return _from_rows(rows, config.rows_per_block)

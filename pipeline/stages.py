@@ -67,8 +67,9 @@ class AnswerStage:
     num_cpus: float
 
     @classmethod
-    def from_plan(cls, plan: Plan, progress=None) -> AnswerStage:
-        """`progress`: a ProgressCounter actor the answering actors report each batch to."""
+    def from_plan(cls, plan: Plan, progress=None, control_ids: frozenset[str] = frozenset()) -> AnswerStage:
+        """`progress`: a ProgressCounter actor the answering actors report each batch to;
+        `control_ids`: rows also run unpruned, besides the control fraction's."""
         config = plan.config
         return cls(
             fn_constructor_kwargs=dict(
@@ -80,10 +81,13 @@ class AnswerStage:
                 attn=config.attn,
                 selection=plan.selection,
                 control_fraction=config.control_fraction,
+                control_ids=control_ids,
                 progress=progress,
                 prefill_rows=plan.prefill_rows,
                 kv_cache_gib=config.kv_cache_gib,
                 ignore_eos=config.ignore_eos,
+                keep_masks=config.keep_masks,
+                metric=config.metric,
             ),
             batch_size=plan.batch_size,
             actors=config.actor_pool,

@@ -2,7 +2,9 @@
 
 Written as `_summary.json` beside the output, printed at the end of a job, and shown by the report.
 Engine seconds are GPU seconds (CPU seconds where there is no GPU) spent in the engine; the
-unpruned time is estimated per row from its FLOPs ratio, and measured on the control rows.
+unpruned time is estimated per row from its FLOPs ratio, and measured on the control rows, with
+95% intervals: a paired bootstrap for savings and score differences (seeded, so the report
+recomputes the same figures), the exact binomial interval for answer agreement.
 """
 
 from __future__ import annotations
@@ -13,7 +15,45 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.intervals import Estimate, clopper_pearson, mean_difference, paired_bootstrap, ratio_saving
+
 SUMMARY_FILE = "_summary.json"
+
+
+MIN_CONTROL_ROWS = 30  # below this many control rows, the summary says they are too few to conclude
+
+
+@dataclass
+class Control:
+    """The control rows: the same rows run pruned and unpruned, in batches of the same shape."""
+
+    rows: int
+    enough: bool  # at least MIN_CONTROL_ROWS rows
+    engine_s_pruned: float
+    engine_s_unpruned: float
+    saving: Estimate  # measured engine-seconds saving, 1 − Σ pruned / Σ unpruned (paired bootstrap)
+    saving_estimated: float | None  # the same rows' saving predicted from their FLOPs
+    agreement: Estimate  # share of rows whose pruned answer equals the unpruned one (Clopper–Pearson)
+    scored_rows: int
+    score_pruned: float | None
+    score_unpruned: float | None
+    score_difference: Estimate  # pruned − unpruned mean score (paired bootstrap)
+
+
+@dataclass
+class KeepQuartile:
+    """Scores among the rows whose keep ratio falls in one quartile of the job's keep ratios."""
+
+    keep_low: float
+    keep_high: float
+    rows: int  # pruned rows in the quartile
+    scored_rows: int
+    score_mean: float | None
+    control_rows: int
+    agreement: Estimate
+    score_pruned: float | None
+    score_unpruned: float | None
+    score_difference: Estimate
 
 
 @dataclass
@@ -44,15 +84,22 @@ class Summary:
     engine_s: float
     engine_busy_fraction: float | None  # engine seconds / (actors × their span of batches)
     engine_s_unpruned_estimate: float
-    gpu_hourly_usd: float | None
-    usd_per_1000_images: float | None
+    device: str  # what the answering actors ran on: "GPU" or "CPU"
+    devices: float  # GPUs the answering actors held (GPU runs), or their CPUs (CPU runs)
+    hourly_usd: float | None  # the price of one device for an hour
+    billed_usd: float | None  # wall time × devices × price: what the machines cost
+    engine_usd: float | None  # engine seconds × price: the share spent answering
+    usd_per_1000_images: float | None  # engine time's cost, per 1,000 rows
     usd_per_1000_images_unpruned_estimate: float | None
-    control_rows: int
-    control_engine_s_pruned: float | None
-    control_engine_s_unpruned: float | None
-    control_saving_measured: float | None
-    control_saving_estimated: float | None
-    control_answer_agreement: float | None
+    scored_rows: int  # answered rows with references
+    metrics: dict[str, int]  # scored rows per metric
+    score_mean: float | None
+    control: Control | None
+    keep_quartiles: list[KeepQuartile]
+
+    def headline(self) -> list[str]:
+        """Two lines for a reader in a hurry: what pruning saved, then whether it changed the answers."""
+        return [_savings_line(self), _answers_line(self)]
 
     def lines(self) -> list[str]:
         """The summary as an aligned two-column table."""
@@ -73,28 +120,21 @@ class Summary:
                 f"{_bytes(self.kv_cache_bytes)} (unpruned {_bytes(self.kv_cache_bytes_unpruned)}, "
                 f"saved {_share(self.kv_cache_bytes_saved, self.kv_cache_bytes_unpruned)})",
             ),
-            ("engine seconds", f"{self.engine_s:.3g} (unpruned, estimated: {self.engine_s_unpruned_estimate:.3g})"),
+            (
+                "engine seconds",
+                f"{self.engine_s:.3g} {self.device} seconds "
+                f"(unpruned, estimated: {self.engine_s_unpruned_estimate:.3g})",
+            ),
             ("wall time", f"{self.wall_s:.1f}s, {self.rows_per_s:.2f} rows/s"),
         ]
         if self.engine_busy_fraction is not None:
             rows.append(("engine busy", f"{self.engine_busy_fraction:.0%} of the answering actors' time"))
-        if self.usd_per_1000_images is not None:
-            rows.append(
-                (
-                    "cost / 1000 images",
-                    f"${self.usd_per_1000_images:.4f} (unpruned, estimated: "
-                    f"${self.usd_per_1000_images_unpruned_estimate:.4f}) at ${self.gpu_hourly_usd}/GPU-hour",
-                )
-            )
-        if self.control_rows:
-            rows.append(
-                (
-                    "control",
-                    f"{self.control_rows} rows: measured saving {_pct(self.control_saving_measured)} "
-                    f"(estimated {_pct(self.control_saving_estimated)}), "
-                    f"answers agree {_pct(self.control_answer_agreement)}",
-                )
-            )
+        if self.hourly_usd is not None:
+            rows.append(("cost", _cost_line(self)))
+        if self.control is not None:
+            rows.append(("control", _control_line(self.control)))
+        if self.scored_rows:
+            rows.append(("score", _score_line(self)))
         rows.append(("output", self.output))
         width = max(len(name) for name, _ in rows)
         return [f"{name:<{width}}  {value}" for name, value in rows]
@@ -104,11 +144,14 @@ def summarize(
     table: pa.Table,
     output: str,
     wall_s: float,
-    gpu_hourly_usd: float | None = None,
+    hourly_usd: float | None = None,
     engine_busy_fraction: float | None = None,
+    device: str = "CPU",
+    devices: float = 1.0,
 ) -> Summary:
-    """Totals over result rows (RESULT_SCHEMA, at least SUMMARY_COLUMNS). The engines' busy fraction is
-    measured while the job runs (not in the rows); None when not known."""
+    """Totals over result rows (RESULT_SCHEMA, at least SUMMARY_COLUMNS). What is measured while
+    the job runs and is not in the rows: the engines' busy fraction (None when not known), and
+    the devices the answering actors held, for the billed cost."""
     ok = table.filter(pc.is_null(table.column("error")))
 
     def total(name, rows=ok):
@@ -119,11 +162,8 @@ def summarize(
     engine_s = total("engine_s")
     unpruned_estimate = _unpruned_seconds(ok)
     ratios = _keep_ratios(ok)
-    control = ok.filter(pc.is_valid(ok.column("control_unpruned_engine_s")))
-    control_pruned, control_unpruned = (
-        total("control_pruned_engine_s", control),
-        total("control_unpruned_engine_s", control),
-    )
+    scored = ok.filter(pc.is_valid(ok.column("score")))
+    price = hourly_usd
     return Summary(
         output=output,
         rows=table.num_rows,
@@ -151,38 +191,108 @@ def summarize(
         engine_s=engine_s,
         engine_busy_fraction=engine_busy_fraction,
         engine_s_unpruned_estimate=unpruned_estimate,
-        gpu_hourly_usd=gpu_hourly_usd,
-        usd_per_1000_images=_usd_per_1000(engine_s, table.num_rows, gpu_hourly_usd),
-        usd_per_1000_images_unpruned_estimate=_usd_per_1000(unpruned_estimate, table.num_rows, gpu_hourly_usd),
-        control_rows=control.num_rows,
-        control_engine_s_pruned=control_pruned if control.num_rows else None,
-        control_engine_s_unpruned=control_unpruned if control.num_rows else None,
-        control_saving_measured=1 - control_pruned / control_unpruned if control_unpruned else None,
-        control_saving_estimated=1 - _total_flops(control, "") / _total_flops(control, "_unpruned")
-        if control.num_rows
-        else None,
-        control_answer_agreement=_agreement(control) if control.num_rows else None,
+        device=device,
+        devices=devices,
+        hourly_usd=price,
+        billed_usd=wall_s / 3600 * devices * price if price is not None else None,
+        engine_usd=engine_s / 3600 * price if price is not None else None,
+        usd_per_1000_images=_usd_per_1000(engine_s, table.num_rows, price),
+        usd_per_1000_images_unpruned_estimate=_usd_per_1000(unpruned_estimate, table.num_rows, price),
+        scored_rows=scored.num_rows,
+        metrics=_counts(scored.column("metric")),
+        score_mean=pc.mean(scored.column("score")).as_py() if scored.num_rows else None,
+        control=_control(_control_rows(ok)),
+        keep_quartiles=_keep_quartiles(ok, ratios),
     )
+
+
+def _control_rows(ok: pa.Table) -> pa.Table:
+    return ok.filter(pc.is_valid(ok.column("control_unpruned_engine_s")))
+
+
+def _control(control: pa.Table) -> Control | None:
+    if not control.num_rows:
+        return None
+    pruned_s = control.column("control_pruned_engine_s").to_numpy()
+    unpruned_s = control.column("control_unpruned_engine_s").to_numpy()
+    pruned_scores, unpruned_scores = _paired_scores(control)
+    unpruned_flops = _total_flops(control, "_unpruned")
+    return Control(
+        rows=control.num_rows,
+        enough=control.num_rows >= MIN_CONTROL_ROWS,
+        engine_s_pruned=float(pruned_s.sum()),
+        engine_s_unpruned=float(unpruned_s.sum()),
+        saving=paired_bootstrap(pruned_s, unpruned_s, ratio_saving),
+        saving_estimated=1 - _total_flops(control, "") / unpruned_flops if unpruned_flops else None,
+        agreement=_agreement(control),
+        scored_rows=len(pruned_scores),
+        score_pruned=float(pruned_scores.mean()) if len(pruned_scores) else None,
+        score_unpruned=float(unpruned_scores.mean()) if len(unpruned_scores) else None,
+        score_difference=paired_bootstrap(pruned_scores, unpruned_scores, mean_difference),
+    )
+
+
+def _paired_scores(control: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """The pruned and unpruned scores of the control rows scored both ways."""
+    both = control.filter(
+        pc.and_(pc.is_valid(control.column("score")), pc.is_valid(control.column("control_unpruned_score")))
+    )
+    return both.column("score").to_numpy(), both.column("control_unpruned_score").to_numpy()
+
+
+def _agreement(control: pa.Table) -> Estimate:
+    """Control rows whose pruned answer equals the unpruned one, word for word, with its exact interval."""
+    same = pc.equal(control.column("answer"), control.column("control_unpruned_answer"))
+    return clopper_pearson(pc.sum(same.cast(pa.int64())).as_py() or 0, control.num_rows)
+
+
+def _keep_quartiles(ok: pa.Table, ratios: np.ndarray) -> list[KeepQuartile]:
+    """Scores and control comparisons per quartile of the pruned rows' keep ratios: does pruning
+    hurt more where it keeps less?"""
+    if not ratios.size:
+        return []
+    pruned = ok.filter(pc.and_(pc.equal(ok.column("pruned"), True), pc.greater(ok.column("n_visual_tokens"), 0)))
+    edges = np.quantile(ratios, [0, 0.25, 0.5, 0.75, 1])
+    quartile = np.minimum(np.searchsorted(edges[1:4], ratios, side="right"), 3)
+    quartiles = []
+    for q in range(4):
+        rows = pruned.filter(pa.array(quartile == q))
+        scored = rows.filter(pc.is_valid(rows.column("score")))
+        control = _control_rows(rows)
+        pruned_scores, unpruned_scores = _paired_scores(control)
+        quartiles.append(
+            KeepQuartile(
+                keep_low=float(edges[q]),
+                keep_high=float(edges[q + 1]),
+                rows=rows.num_rows,
+                scored_rows=scored.num_rows,
+                score_mean=pc.mean(scored.column("score")).as_py() if scored.num_rows else None,
+                control_rows=control.num_rows,
+                agreement=_agreement(control),
+                score_pruned=float(pruned_scores.mean()) if len(pruned_scores) else None,
+                score_unpruned=float(unpruned_scores.mean()) if len(unpruned_scores) else None,
+                score_difference=paired_bootstrap(pruned_scores, unpruned_scores, mean_difference),
+            )
+        )
+    return quartiles
 
 
 def _error_counts(table: pa.Table) -> dict[str, int]:
     """Failed rows per error code, most frequent first."""
-    codes = table.filter(pc.is_valid(table.column("error"))).column("error_code").fill_null("unknown")
-    counts = {c["values"]: c["counts"] for c in pc.value_counts(codes).to_pylist()}
+    return _counts(table.filter(pc.is_valid(table.column("error"))).column("error_code").fill_null("unknown"))
+
+
+def _counts(values: pa.ChunkedArray) -> dict[str, int]:
+    """Rows per value, most frequent first."""
+    counts = {c["values"]: c["counts"] for c in pc.value_counts(values).to_pylist()}
     return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
 
 
-def _usd_per_1000(engine_s: float, rows: int, gpu_hourly_usd: float | None) -> float | None:
-    """Engine seconds per image at the GPU's hourly price (idle GPU time is not in engine seconds)."""
-    if gpu_hourly_usd is None or not rows:
+def _usd_per_1000(engine_s: float, rows: int, hourly_usd: float | None) -> float | None:
+    """Engine seconds per image at the device's hourly price (idle time is not in engine seconds)."""
+    if hourly_usd is None or not rows:
         return None
-    return engine_s / 3600 * gpu_hourly_usd / rows * 1000
-
-
-def _agreement(control: pa.Table) -> float:
-    """Share of control rows whose pruned answer equals the unpruned one, word for word."""
-    same = pc.equal(control.column("answer"), control.column("control_unpruned_answer"))
-    return pc.mean(same.cast(pa.float64())).as_py()
+    return engine_s / 3600 * hourly_usd / rows * 1000
 
 
 def _keep_ratios(ok: pa.Table) -> np.ndarray:
@@ -232,3 +342,78 @@ def _bytes(n: float) -> str:
         n /= 1024
         units.pop(0)
     return f"{n:.1f} {units[0]}"
+
+
+def _savings_line(s: Summary) -> str:
+    kept = _share(s.visual_tokens_kept, s.visual_tokens)
+    head = f"{s.rows} rows: pruning kept {kept} of visual tokens"
+    if s.keep_ratio_mean is None:
+        return f"{s.rows} rows: nothing was pruned"
+    c = s.control
+    if c is None or c.saving.value is None:
+        estimated = _share(s.engine_s_unpruned_estimate - s.engine_s, s.engine_s_unpruned_estimate)
+        return f"{head} and saved an estimated {estimated} of engine time (from FLOPs; no control rows measured it)"
+    effect = f"saved {c.saving.value:.1%}" if c.saving.value >= 0 else f"cost {-c.saving.value:.1%} more"
+    line = f"{head} and {effect} of engine time (measured on {c.rows} control rows, {_pm(c.saving)})"
+    return line + ("" if c.enough else f"; too few control rows to conclude (under {MIN_CONTROL_ROWS})")
+
+
+def _answers_line(s: Summary) -> str:
+    c = s.control
+    if c is None:
+        changed = "no control rows, so answers were not compared with unpruned ones"
+    else:
+        changed = (
+            f"answers changed on {1 - c.agreement.value:.1%} of {c.rows} control rows "
+            f"({_interval(c.agreement, flip=True)})"
+        )
+    if not s.scored_rows:
+        return f"{changed}; no scores (the input has no reference answers)"
+    if c is None or not c.scored_rows:
+        return f"{changed}; score {s.score_mean:.3f} over {s.scored_rows} rows ({_metric_names(s)})"
+    return (
+        f"{changed}; score pruned {c.score_pruned:.3f} vs unpruned {c.score_unpruned:.3f} "
+        f"on {c.scored_rows} control rows (difference {_pm(c.score_difference, percent=False)}; {_metric_names(s)})"
+    )
+
+
+def _control_line(c: Control) -> str:
+    verdict = "" if c.enough else f"; too few to conclude (under {MIN_CONTROL_ROWS})"
+    return (
+        f"{c.rows} rows: measured saving {_pct(c.saving.value)} ({_pm(c.saving)}; estimated from FLOPs "
+        f"{_pct(c.saving_estimated)}), answers agree {_pct(c.agreement.value)} ({_interval(c.agreement)}){verdict}"
+    )
+
+
+def _score_line(s: Summary) -> str:
+    return f"mean {s.score_mean:.3f} over {s.scored_rows} rows ({_metric_names(s)})"
+
+
+def _cost_line(s: Summary) -> str:
+    unit = f"${s.hourly_usd:g}/{s.device}-hour"
+    return (
+        f"${s.billed_usd:.4f} billed ({s.wall_s:.0f}s × {s.devices:g} {s.device}s at {unit}); "
+        f"${s.engine_usd:.4f} of engine time, ${s.usd_per_1000_images:.4f} per 1000 images "
+        f"(unpruned, estimated: ${s.usd_per_1000_images_unpruned_estimate:.4f})"
+    )
+
+
+def _metric_names(s: Summary) -> str:
+    return ", ".join(f"{name} on {n}" if len(s.metrics) > 1 else name for name, n in s.metrics.items())
+
+
+def _pm(e: Estimate, percent: bool = True) -> str:
+    """A value's 95% interval as ± its half width, or why there is none."""
+    if e.half_width is None:
+        return "no interval from one row" if e.n == 1 else "no interval"
+    if percent:
+        return f"±{e.half_width:.1%}, 95% CI {e.low:.1%} to {e.high:.1%}"
+    return f"{e.value:+.3f}, 95% CI {e.low:+.3f} to {e.high:+.3f}"
+
+
+def _interval(e: Estimate, flip: bool = False) -> str:
+    """An exact interval for a share, or for its complement (`flip`)."""
+    if e.low is None:
+        return "no interval"
+    low, high = (1 - e.high, 1 - e.low) if flip else (e.low, e.high)
+    return f"95% CI {low:.1%} to {high:.1%}"

@@ -5,12 +5,15 @@ Manifest (what a job reads; `image` or `images` names the inputs):
     images          list<string>       image URIs (s3://, gs://, file://, or local paths), in prompt order
     question        string, nullable   the question; null → the job's prompt (captioning)
     max_new_tokens  int32, nullable    per-row answer length; null → the job's default
+    references      list<string>, nullable  reference answers to score against: the manifest's `answers`
+                                       (a list, e.g. VQAv2's 10) or `answer_ref` (one)
     image_bytes     list<binary>, nullable  inline image bytes (the `datasets` input); `images` then only names them
     error_code, error  string, nullable  set by the reader when the row itself is malformed (invalid_row)
 
 Result (one row per manifest row; in each file's metadata the schema version under
 `glimpse_batch.schema` and the job's lineage under `glimpse_batch.lineage`, see pipeline.lineage):
     id, images, question      as in the manifest (question as asked, after defaulting)
+    references                as in the manifest: the reference answers, null when there are none
     answer                    string, null when the row failed
     error_code                string, null when the row succeeded: a code of pipeline.failures.ERROR_CODES
     error                     string, null when the row succeeded: why there is no answer
@@ -31,13 +34,20 @@ Result (one row per manifest row; in each file's metadata the schema version und
     control_*                 only for control rows (--control-fraction), measured on the same rows
                               in two batches of the same shape: pruned and unpruned engine seconds,
                               the unpruned answer and its length
+    metric, score             on rows with references: the metric (pipeline.quality) and the answer's score
+    control_unpruned_score    on scored control rows: the unpruned answer's score
+    kept_mask                 with --keep-masks, on pruned rows: 1 bit per visual token, 1 = kept, in the
+                              engine's order (each image's merged patch grid in raster order), packed
+                              most significant bit first (numpy.packbits); pipeline.keep_masks reads it
+    image_grid_thw            with --keep-masks: each image's patch grid (t, h, w), flattened; the
+                              mask's grid per image is (t, h / 2, w / 2)
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "3"  # 3: prefill_s, decode_s renamed batch_prefill_s, batch_decode_s
+SCHEMA_VERSION = "4"  # 3: prefill_s, decode_s renamed batch_prefill_s, batch_decode_s; 4: scores, keep masks
 SCHEMA_METADATA_KEY = b"glimpse_batch.schema"
 LINEAGE_METADATA_KEY = b"glimpse_batch.lineage"  # JSON: pipeline.lineage
 
@@ -47,6 +57,7 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("images", pa.list_(pa.string()), nullable=False),
         pa.field("question", pa.string()),
         pa.field("max_new_tokens", pa.int32()),
+        pa.field("references", pa.list_(pa.string())),
         pa.field("image_bytes", pa.list_(pa.binary())),
         pa.field("error_code", pa.string()),  # set by the reader on a malformed row: invalid_row
         pa.field("error", pa.string()),
@@ -69,6 +80,7 @@ RESULT_SCHEMA = pa.schema(
         pa.field("id", pa.string(), nullable=False),
         pa.field("images", pa.list_(pa.string())),
         pa.field("question", pa.string()),
+        pa.field("references", pa.list_(pa.string())),
         pa.field("answer", pa.string()),
         pa.field("error_code", pa.string()),
         pa.field("error", pa.string()),
@@ -94,6 +106,11 @@ RESULT_SCHEMA = pa.schema(
         pa.field("control_unpruned_engine_s", pa.float64()),
         pa.field("control_unpruned_answer", pa.string()),
         pa.field("control_unpruned_generated_tokens", pa.int32()),
+        pa.field("metric", pa.string()),
+        pa.field("score", pa.float64()),
+        pa.field("control_unpruned_score", pa.float64()),
+        pa.field("kept_mask", pa.binary()),
+        pa.field("image_grid_thw", pa.list_(pa.int32())),
     ],
     metadata={SCHEMA_METADATA_KEY: SCHEMA_VERSION.encode()},
 )
@@ -120,9 +137,14 @@ SUMMARY_COLUMNS = [
     "control_pruned_engine_s",
     "control_unpruned_engine_s",
     "control_unpruned_answer",
+    "metric",
+    "score",
+    "control_unpruned_score",
 ]
+# What the report adds to them: the rows its gallery shows.
+REPORT_COLUMNS = [*SUMMARY_COLUMNS, "id", "images", "question", "references", "kept_mask", "image_grid_thw"]
 # Result columns carried over from the prepared row as they are.
-CARRIED_COLUMNS = ["id", "images", "question", "error_code", "error"]
+CARRIED_COLUMNS = ["id", "images", "question", "references", "error_code", "error"]
 
 
 def align(rows: list[dict] | pa.Table, schema: pa.Schema) -> pa.Table:
