@@ -366,17 +366,32 @@ def read_dataset(config: JobConfig):
 
 
 def dataset_rows(batch: pa.Table, *, dataset: str, id_column: str, question_column: str, image_column: str):
-    """Dataset rows ({bytes, path} image structs) → manifest rows with inline image bytes."""
+    """Dataset rows ({bytes, path} image structs) → manifest rows with inline image bytes, and
+    their references from an `answers` or `answer_ref` column if there is one."""
     ids = [row_id(i) for i in batch.column(id_column).to_pylist()]
-    questions = (
-        batch.column(question_column).to_pylist() if question_column in batch.column_names else [None] * batch.num_rows
-    )
+    questions = _column(batch, question_column)
     images = batch.column(image_column).to_pylist()
     rows = [
         {"id": i, "images": [f"{dataset}#{i}"], "question": q, "image_bytes": [im["bytes"]]}
         for i, q, im in zip(ids, questions, images)
     ]
+    for row, answers, answer_ref in zip(rows, _column(batch, "answers"), _column(batch, "answer_ref")):
+        try:
+            row["references"] = reference_list(_answer_texts(answers), answer_ref)
+        except InvalidRow as e:
+            row["error_code"], row["error"] = "invalid_row", str(e)
     return align(rows, MANIFEST_SCHEMA)
+
+
+def _column(batch: pa.Table, name: str) -> list:
+    return batch.column(name).to_pylist() if name in batch.column_names else [None] * batch.num_rows
+
+
+def _answer_texts(answers):
+    """A dataset's answers as texts: Hugging Face's VQAv2 holds {"answer": ..., ...} records."""
+    if isinstance(answers, list):
+        return [a["answer"] if isinstance(a, dict) and "answer" in a else a for a in answers]
+    return answers
 
 
 def bundled_samples(config: JobConfig):

@@ -141,6 +141,8 @@ def test_a_saved_datasets_dataset(ray_session, reference, tmp_path, with_ids):
     }
     if with_ids:
         columns["id"] = [c["id"] for c in cases]
+        # References as Hugging Face's VQAv2 holds them: records with the answer and its confidence.
+        columns["answers"] = [[{"answer": f"{c['id']} ref", "answer_confidence": "yes"}] for c in cases]
     datasets.Dataset.from_dict(columns).cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "ds"))
     config = JobConfig(dataset=str(tmp_path / "ds"), output=str(tmp_path / "out"), **MODEL)
     run(config)
@@ -150,6 +152,8 @@ def test_a_saved_datasets_dataset(ray_session, reference, tmp_path, with_ids):
     assert len(rows) == 5
     if not with_ids:
         assert sorted(r["id"] for r in rows) == ["0", "1", "2", "3", "4"]
+    else:
+        assert all(r["references"] == [f"{r['id']} ref"] and r["metric"] == "exact" for r in rows)
 
 
 def test_built_in_demo_runs_on_bundled_samples(ray_session, tmp_path):
