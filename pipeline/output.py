@@ -201,12 +201,18 @@ class OutputDir:
         if not record.files:
             return pa.schema([RESULT_SCHEMA.field(c) for c in columns]).empty_table()
         arrow_fs, _ = pyarrow_filesystem(self.uri, self.storage)
-        paths = [f"{self.path}/{name}" for name in record.files]
+        dataset = pq.ParquetDataset([f"{self.path}/{name}" for name in record.files], filesystem=arrow_fs)
+        wanted = list(dict.fromkeys([*columns, "id"]))
+        present = [c for c in wanted if c in dataset.schema.names]
+        table = dataset.read(columns=present)
+        for name in [c for c in wanted if c not in present]:
+            # An output of an older schema: the columns it predates are null (no scores, no masks).
+            field = RESULT_SCHEMA.field(name)
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
         scores = self._read_scores() if set(columns) & set(SCORE_COLUMNS) else None
-        if scores is None:
-            return pq.ParquetDataset(paths, filesystem=arrow_fs).read(columns=columns)
-        table = pq.ParquetDataset(paths, filesystem=arrow_fs).read(columns=list(dict.fromkeys([*columns, "id"])))
-        return with_scores(table, scores).select(columns)
+        if scores is not None:
+            table = with_scores(table, scores)
+        return table.select(columns)
 
     def write_scores(self, scores: pa.Table) -> None:
         """Offline scores (id and SCORE_COLUMNS) beside a finished job's results; read_results

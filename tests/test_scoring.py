@@ -234,3 +234,21 @@ def test_score_on_s3(ray_session, s3, tmp_path, capsys, monkeypatch):
     expected = (3 * min(1, 2 / 3) + 1 * min(1, 3 / 3)) / 4
     assert [(r["metric"], r["score"]) for r in scored] == [("vqa", pytest.approx(expected))] * 3
     assert json.loads(fs.cat(f"{bucket}/out/_summary.json"))["score_mean"] == pytest.approx(expected)
+
+
+def test_an_output_of_the_previous_schema_reads_with_null_scores_and_masks(scored_job, tmp_path):
+    """Outputs written before scores and masks existed still report: those columns read as null."""
+    import shutil
+
+    from pipeline.output import OutputDir
+    from pipeline.storage import StorageOptions
+    from schemas import REPORT_COLUMNS
+
+    old = shutil.copytree(scored_job.output, tmp_path / "old")
+    (old / "_scores.parquet").unlink(missing_ok=True)
+    added = ["references", "metric", "score", "control_unpruned_score", "kept_mask", "image_grid_thw"]
+    for path in old.glob("*.parquet"):
+        pq.write_table(pq.read_table(path).drop_columns(added), path)
+    table = OutputDir(str(old), StorageOptions()).read_results(REPORT_COLUMNS)
+    assert table.num_rows == len(scored_job.rows)
+    assert all(table.column(name).null_count == table.num_rows for name in added)
