@@ -353,8 +353,12 @@ def _savings_line(s: Summary) -> str:
     if c is None or c.saving.value is None:
         estimated = _share(s.engine_s_unpruned_estimate - s.engine_s, s.engine_s_unpruned_estimate)
         return f"{head} and saved an estimated {estimated} of engine time (from FLOPs; no control rows measured it)"
-    effect = f"saved {c.saving.value:.1%}" if c.saving.value >= 0 else f"cost {-c.saving.value:.1%} more"
-    line = f"{head} and {effect} of engine time (measured on {c.rows} control rows, {_pm(c.saving)})"
+    effect = (
+        f"saved {c.saving.value:.1%} of engine time"
+        if c.saving.value >= 0
+        else f"cost {-c.saving.value:.1%} more engine time"
+    )
+    line = f"{head} and {effect} (measured on {c.rows} control rows, {_pm(c.saving)})"
     return line + ("" if c.enough else f"; too few control rows to conclude (under {MIN_CONTROL_ROWS})")
 
 
