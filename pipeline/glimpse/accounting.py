@@ -4,7 +4,9 @@ FLOPs count the matrix products (2 per multiply-add) the engine runs, which is w
 `torch.utils.flop_counter.FlopCounterMode` counts too; norms, activations and rotary embeddings
 are left out (well under 1% at real sizes). Attention counts the whole query × key rectangle a
 masked dense kernel computes: prefill runs with an explicit mask, so causal skipping is not
-assumed. A row is costed alone, without the padding of the batch it ran in.
+assumed. A row is costed alone, without the padding of the batch it ran in. Rows that shared an
+image prefix (the vision tower and the prefix's keys and values, run once) each carry an equal
+share of the prefix's cost, and their own tokens' cost against it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ class RowCost:
     """Per request. `*_unpruned`: the same request without the glimpse (the baseline engine)."""
 
     prefill_flops: float
+    prefill_flops_unshared: float  # as run, had the row not shared its image prefix
     prefill_flops_unpruned: float
     decode_flops: float
     decode_flops_unpruned: float
@@ -183,21 +186,31 @@ class CostModel:
     def vision_flops(self, grid_thw: list[tuple[int, int, int]]) -> float:
         return sum(self.vision.image(t, h, w) for t, h, w in grid_thw)
 
-    def prefill_flops(self, grid_thw: list[tuple[int, int, int]], prompt: int, kept_prompt: int, pruned: bool) -> float:
+    def prefill_flops(
+        self,
+        grid_thw: list[tuple[int, int, int]],
+        prompt: int,
+        kept_prompt: int,
+        pruned: bool,
+        prefix: int = 0,
+        sharers: int = 1,
+    ) -> float:
         """Vision tower + decoder layers + the first token's logits. Pruned: layers 0..K see the
-        prompt and the glimpse token, the VIP runs, layers K+1.. see the `kept_prompt` tokens."""
-        text, base = self.text, self.vision_flops(grid_thw) + self.text.logits()
-        if not pruned:
-            return base + text.layers * text.layer(prompt, prompt)
-        vip, merged = self.vip, self.vision.merge**2
-        early, late = vip.reduce_layer + 1, text.layers - vip.reduce_layer - 1
-        image_tokens = [t * h * w // merged for t, h, w in grid_thw]
-        return (
-            base
-            + early * text.layer(prompt + 1, prompt + 1)
-            + vip.flops(image_tokens, text, prompt + 1)
-            + late * text.layer(kept_prompt, kept_prompt)
-        )
+        prompt and the glimpse token, the VIP runs, layers K+1.. see the `kept_prompt` tokens.
+        With a `prefix` of the prompt shared by `sharers` rows: the vision tower and the prefix
+        through the early layers (0..K pruned, all not) once for them all, split evenly; the row's
+        own tokens through them against the prefix's keys."""
+        text, vision = self.text, self.vision_flops(grid_thw)
+        early = self.vip.reduce_layer + 1 if pruned else text.layers
+        own = prompt - prefix + (1 if pruned else 0)  # the glimpse token is the row's own
+        head = vision + early * text.layer(prefix, prefix) if prefix else 0.0
+        flops = (0.0 if prefix else vision) + early * text.layer(own, prefix + own) + text.logits()
+        if pruned:
+            merged = self.vision.merge**2
+            image_tokens = [t * h * w // merged for t, h, w in grid_thw]
+            late = text.layers - early
+            flops += self.vip.flops(image_tokens, text, prompt + 1) + late * text.layer(kept_prompt, kept_prompt)
+        return head / sharers + flops
 
     def decode_flops(self, prompt: int, generated: int) -> float:
         """The forward passes after the first token: the i-th feeds generated token i (1-based)
@@ -208,11 +221,21 @@ class CostModel:
         per_token = text.layers * text.layer(1, 0) + text.logits()
         return steps * per_token + text.layers * 4 * text.heads * text.head_dim * attended
 
-    def row(self, grid_thw: list[tuple[int, int, int]], prompt: int, kept_prompt: int, generated: int, pruned: bool):
-        """The request's costs as run (`pruned` or not) and as the baseline would have run it."""
+    def row(
+        self,
+        grid_thw: list[tuple[int, int, int]],
+        prompt: int,
+        kept_prompt: int,
+        generated: int,
+        pruned: bool,
+        sharing: tuple[int, int] = (0, 1),
+    ) -> RowCost:
+        """The request's costs as run (`pruned` or not, sharing its first `sharing[0]` tokens with
+        `sharing[1]` rows), alone, and as the baseline would have run it (unpruned, alone)."""
         cached = max(generated - 1, 0)  # the last token is never fed back
         return RowCost(
-            prefill_flops=self.prefill_flops(grid_thw, prompt, kept_prompt, pruned),
+            prefill_flops=self.prefill_flops(grid_thw, prompt, kept_prompt, pruned, *sharing),
+            prefill_flops_unshared=self.prefill_flops(grid_thw, prompt, kept_prompt, pruned),
             prefill_flops_unpruned=self.prefill_flops(grid_thw, prompt, prompt, False),
             decode_flops=self.decode_flops(kept_prompt, generated),
             decode_flops_unpruned=self.decode_flops(prompt, generated),

@@ -19,9 +19,10 @@ from PIL import Image
 
 from pipeline.glimpse.accounting import CostModel, RowCost, share_seconds
 from pipeline.glimpse.cache import PrunableKVCache
-from pipeline.glimpse.inputs import decoder_inputs
+from pipeline.glimpse.inputs import decoder_inputs, token_inputs
 from pipeline.glimpse.masks import attention_mask
 from pipeline.glimpse.modules import GlimpseModules
+from pipeline.glimpse.prefixes import SharedPrefixes, prefill_order, shared_prefixes
 from pipeline.glimpse.prompts import DTYPES, PreparedPrompt, PromptBuilder
 from pipeline.glimpse.readout import glimpse_logits, glimpse_query
 from pipeline.glimpse.sampling import BatchSampler, SamplingParams
@@ -58,6 +59,7 @@ class Result:
     batch_decode_s: float
     engine_s: float
     cost: RowCost
+    prefix_shared_by: int = 1  # rows that prefilled this one's image prefix together, itself included
     kept_mask: list[int] | None = None  # with emit_masks: 1 per kept visual token, raster order per image
     image_grid_thw: list[list[int]] | None = None  # with emit_masks: each image's patch grid, to lay the mask out
 
@@ -77,6 +79,25 @@ class _Prefill:
     valid: torch.Tensor
     next_pos: torch.Tensor
     kept: list[torch.Tensor]
+    sharing: list[tuple[int, int]]  # per row: its shared prefix's tokens and the rows sharing it; (0, 1) alone
+
+
+@dataclass
+class _Early:
+    """State after the early layers (0..K pruning, all of them not): hidden [B, T, H] and positions
+    [3, B, T] of the sequence the later layers continue (when not pruning, only the last column
+    matters); valid and image [B, T]; the cache; the glimpse's reads (pruning); the VIP's vision
+    features and each image's grid, images in row order; the rows' sharing of prefixes."""
+
+    hidden: torch.Tensor
+    positions: torch.Tensor
+    valid: torch.Tensor
+    image: torch.Tensor
+    cache: PrunableKVCache
+    reads: list[torch.Tensor] | None
+    selected: list[torch.Tensor]
+    grids: list[list[int]]
+    sharing: list[tuple[int, int]]
 
 
 @dataclass
@@ -116,6 +137,10 @@ class GlimpseEngine:
         self.eos_token_ids = _eos_ids(model, prompts.tokenizer)
         self.language_model = model.model.language_model
         self.costs = CostModel(config, glimpse, model.dtype.itemsize)
+        # Rows that share an image prefix prefill it once. Not with flash-attention: its varlen path
+        # is not checked with padding inside a sequence (no GPU here to check it on).
+        self.share_prefixes = self.attn_implementation != "flash_attention_2"
+        self.images_encoded = 0  # images the vision tower has run on, over this engine's life
         self.glimpse_embeddings = None
         if self.modules is not None:
             with torch.inference_mode():
@@ -194,7 +219,7 @@ class GlimpseEngine:
         Invariant, so the budget holds at every moment (a single chunk over it alone excepted):
         between chunks, the waiting chunks' peak plus the next chunk's prefill cache fit."""
         prune = prune and self.can_prune
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].input_ids))
+        order = prefill_order(prompts, self.image_token_id if self.share_prefixes else None)
         chunk = prefill_rows or max(len(order), 1)
         results: list[Result | None] = [None] * len(requests)
         waiting: list[_Chunk] = []
@@ -245,8 +270,8 @@ class GlimpseEngine:
         tokens, reasons, decode_s = self._decode(state, [requests[r].sampling for r in rows])
         counts = [self._token_counts(prompts[r], kept) for r, kept in zip(rows, state.kept)]
         costs = [
-            self.costs.row(_grid(prompts[r]), n_prompt, n_prompt_kept, len(new), prune)
-            for r, (_, _, n_prompt, n_prompt_kept), new in zip(rows, counts, tokens)
+            self.costs.row(_grid(prompts[r]), n_prompt, n_prompt_kept, len(new), prune, sharing)
+            for r, (_, _, n_prompt, n_prompt_kept), new, sharing in zip(rows, counts, tokens, state.sharing)
         ]
         engine_s = share_seconds(prefill_s, [c.prefill_flops for c in costs], decode_s)
         for slot, (r, new, (n_visual, n_kept, n_prompt, n_prompt_kept)) in enumerate(zip(rows, tokens, counts)):
@@ -265,6 +290,7 @@ class GlimpseEngine:
                 batch_decode_s=decode_s[slot],
                 engine_s=engine_s[slot],
                 cost=costs[slot],
+                prefix_shared_by=state.sharing[slot][1],
                 kept_mask=state.kept[slot].int().tolist() if emit_masks and prune else None,
                 image_grid_thw=prompts[r].image_grid_thw.tolist() if emit_masks and prune else None,
             )
@@ -281,46 +307,111 @@ class GlimpseEngine:
     # ---- prefill -------------------------------------------------------------------------------
 
     def _prefill(self, prompts: list[PreparedPrompt], prune: bool) -> _Prefill:
-        blocks = self.modules.config.selected_visual_layers if self.modules is not None else []
-        inputs = decoder_inputs(self.model, prompts, self.pad_token_id, blocks)
-        embeds, positions, valid, image = inputs.embeds, inputs.positions, inputs.valid, inputs.image
-        layers = self.language_model.layers
-        cache = PrunableKVCache(len(layers))
+        """Layers 0..K over each row's prompt (and the glimpse token), then, pruned, the VIP's choice
+        of visual tokens and layers K+1.. over the kept ones; unpruned, every layer over the prompt.
+        Rows that share an image prefix (`share_prefixes`) run it once: see `_early_shared`."""
+        early = range(self.modules.config.reduce_layer + 1) if prune else range(len(self.language_model.layers))
+        shared = shared_prefixes(prompts, self.image_token_id) if self.share_prefixes else None
+        state = self._early_shared(prompts, shared, early, prune) if shared else self._early(prompts, early, prune)
         if not prune:
-            hidden = self._run_layers(range(len(layers)), embeds, positions, valid, cache)
-            kept = [torch.ones(int(n), dtype=torch.bool, device=self.device) for n in image.sum(dim=1)]
-            return self._finish_prefill(hidden, positions, valid, cache, kept)
+            kept = [torch.ones(int(n), dtype=torch.bool, device=self.device) for n in state.image.sum(dim=1)]
+            return self._finish_prefill(state.hidden, state.positions, state.valid, state.cache, kept, state.sharing)
+        return self._prune(state, early)
 
-        glimpse = self.modules.config
-        batch = embeds.shape[0]
-        # The glimpse token goes after the last prompt token, at the next position on all three axes.
-        embeds = torch.cat([embeds, self.glimpse_embeddings[0].expand(batch, 1, -1)], dim=1)
-        positions = torch.cat([positions, positions[:, :, -1:] + 1], dim=2)
-        valid = torch.cat([valid, valid.new_ones(batch, 1)], dim=1)
-        image = torch.cat([image, image.new_zeros(batch, 1)], dim=1)
-        reads = []
-        hidden = self._run_layers(range(glimpse.reduce_layer + 1), embeds, positions, valid, cache, reads)
-
-        feats = torch.stack(reads, dim=2).flatten(2)  # (B, T, layers·heads), layer-major
-        logits = self.modules.attn_fuser(
-            feats[image].to(self.modules.attn_fuser.attn_in_proj.weight.dtype),
-            inputs.vision.selected,
-            [(int(h) // 2, int(w) // 2) for _, h, w in inputs.grid.tolist()],
+    def _early(self, prompts: list[PreparedPrompt], early: range, prune: bool) -> _Early:
+        """The early layers over each row's whole prompt, the glimpse token last when pruning."""
+        inputs = decoder_inputs(self.model, prompts, self.pad_token_id, self._vision_blocks(prune))
+        self.images_encoded += inputs.grid.shape[0]
+        embeds, positions, valid, image = inputs.embeds, inputs.positions, inputs.valid, inputs.image
+        if prune:
+            embeds, positions, valid, image = self._with_glimpse(embeds, positions, valid, image)
+        cache, reads = PrunableKVCache(len(self.language_model.layers)), [] if prune else None
+        hidden = self._run_layers(early, embeds, positions, valid, cache, reads)
+        grids = inputs.grid.tolist()
+        return _Early(
+            hidden, positions, valid, image, cache, reads, inputs.vision.selected, grids, [(0, 1)] * len(prompts)
         )
-        kept = [select_tokens(row_logits, self.selection) for row_logits in logits.split(image.sum(1).tolist())]
+
+    def _early_shared(self, prompts: list[PreparedPrompt], shared: SharedPrefixes, early: range, prune: bool) -> _Early:
+        """The early layers with each shared prefix run once: the vision tower and the prefix's keys
+        and values, then each row's own tokens (its question, the glimpse) against them. The rows'
+        sequences are their prefix (left-padded to the widest) followed by their own tokens
+        (left-padded too): padding in the middle, masked out like padding on the left."""
+        heads = [_head(prompts[owner], length) for owner, length in zip(shared.owners, shared.lengths)]
+        head = decoder_inputs(self.model, heads, self.pad_token_id, self._vision_blocks(prune))
+        self.images_encoded += head.grid.shape[0]
+        head_cache = PrunableKVCache(len(self.language_model.layers))
+        head_hidden = self._run_layers(early, head.embeds, head.positions, head.valid, head_cache)
+
+        of_row = torch.tensor(shared.of_row, device=self.device)
+        tails = [len(p.input_ids) - shared.lengths[u] for p, u in zip(prompts, shared.of_row)]
+        width = max(tails)
+        whole = token_inputs(self.model, prompts, self.pad_token_id)  # right-aligned: each tail is last
+        valid = (
+            torch.arange(width, device=self.device)[None, :] >= width - torch.tensor(tails, device=self.device)[:, None]
+        )
+        ids = whole.ids[:, -width:].masked_fill(~valid, self.pad_token_id)
+        positions = whole.positions[:, :, -width:]
+        embeds = self.language_model.embed_tokens(ids)
+        image = torch.zeros_like(valid)
+        if prune:
+            embeds, positions, valid, image = self._with_glimpse(embeds, positions, valid, image)
+
+        cache = PrunableKVCache(len(self.language_model.layers))
+        for i in early:
+            keys, values = head_cache.layer(i)
+            cache.update(keys.index_select(0, of_row), values.index_select(0, of_row), i)
+        valid = torch.cat([head.valid.index_select(0, of_row), valid], dim=1)
+        image = torch.cat([head.image.index_select(0, of_row), image], dim=1)
+        reads = [] if prune else None
+        hidden = self._run_layers(early, embeds, positions, valid, cache, reads)
+        positions = torch.cat([head.positions.index_select(1, of_row), positions], dim=2)
+        if prune:  # layers K+1.. go on with the kept prefix tokens, so their hidden states join the rows'
+            hidden = torch.cat([head_hidden.index_select(0, of_row), hidden], dim=1)
+        per_prefix = head.image.sum(dim=1).tolist()
+        starts = [sum(per_prefix[:u]) for u in range(len(per_prefix))]
+        tokens = torch.cat([torch.arange(starts[u], starts[u] + per_prefix[u]) for u in shared.of_row]).to(self.device)
+        selected = [features.index_select(0, tokens) for features in head.vision.selected]
+        grids = [g for p in prompts for g in p.image_grid_thw.tolist()]
+        return _Early(hidden, positions, valid, image, cache, reads, selected, grids, shared.sharing())
+
+    def _vision_blocks(self, prune: bool) -> list[int]:
+        """The vision blocks the VIP is conditioned on: kept from the tower's run when pruning."""
+        return self.modules.config.selected_visual_layers if prune else []
+
+    def _with_glimpse(self, embeds, positions, valid, image):
+        """The glimpse token appended after the last prompt token, at the next position on all three axes."""
+        batch = embeds.shape[0]
+        return (
+            torch.cat([embeds, self.glimpse_embeddings[0].expand(batch, 1, -1)], dim=1),
+            torch.cat([positions, positions[:, :, -1:] + 1], dim=2),
+            torch.cat([valid, valid.new_ones(batch, 1)], dim=1),
+            torch.cat([image, image.new_zeros(batch, 1)], dim=1),
+        )
+
+    def _prune(self, state: _Early, early: range) -> _Prefill:
+        """The VIP's choice of each row's visual tokens from the glimpse's reads; the glimpse token and
+        the pruned tokens leave the sequence and the cache, and the later layers run on the rest."""
+        feats = torch.stack(state.reads, dim=2).flatten(2)  # (B, T, layers·heads), layer-major
+        logits = self.modules.attn_fuser(
+            feats[state.image].to(self.modules.attn_fuser.attn_in_proj.weight.dtype),
+            state.selected,
+            [(int(h) // 2, int(w) // 2) for _, h, w in state.grids],
+        )
+        kept = [select_tokens(row, self.selection) for row in logits.split(state.image.sum(1).tolist())]
 
         # Drop the glimpse token and the pruned visual tokens; kept tokens keep their positions.
-        keep = valid.clone()
+        keep = state.valid.clone()
         keep[:, -1] = False
-        keep[image] = torch.cat(kept)
+        keep[state.image] = torch.cat(kept)
         index, valid = _left_packed(keep)
-        cache.gather_columns(index, range(glimpse.reduce_layer + 1))
-        hidden = hidden.gather(1, index[:, :, None].expand(-1, -1, hidden.shape[-1]))
-        positions = positions.gather(2, index[None].expand(3, -1, -1))
-        hidden = self._run_layers(
-            range(glimpse.reduce_layer + 1, len(layers)), hidden, positions, valid, cache, add_glimpse=False
-        )
-        return self._finish_prefill(hidden, positions, valid, cache, kept)
+        cache = state.cache
+        cache.gather_columns(index, early)
+        hidden = state.hidden.gather(1, index[:, :, None].expand(-1, -1, state.hidden.shape[-1]))
+        positions = state.positions.gather(2, index[None].expand(3, -1, -1))
+        late = range(early.stop, len(self.language_model.layers))
+        hidden = self._run_layers(late, hidden, positions, valid, cache, add_glimpse=False)
+        return self._finish_prefill(hidden, positions, valid, cache, kept, state.sharing)
 
     def _run_layers(self, indices, hidden, positions, valid, cache, reads=None, add_glimpse=True):
         """Runs decoder layers `indices` over the whole sequence. With `reads`, appends the glimpse
@@ -343,9 +434,10 @@ class GlimpseEngine:
                 reads.append(glimpse_logits(layer, query, cache.layer(i)[0], valid, use_logits))
         return hidden
 
-    def _finish_prefill(self, hidden, positions, valid, cache, kept) -> _Prefill:
+    def _finish_prefill(self, hidden, positions, valid, cache, kept, sharing) -> _Prefill:
+        """The first token's logits from the last position's hidden state."""
         logits = self.model.lm_head(self.language_model.norm(hidden[:, -1]))
-        return _Prefill(logits=logits, cache=cache, valid=valid, next_pos=positions[:, :, -1] + 1, kept=kept)
+        return _Prefill(logits, cache, valid, positions[:, :, -1] + 1, kept, sharing)
 
     # ---- decode --------------------------------------------------------------------------------
 
@@ -434,6 +526,7 @@ def _merge(states: list[_Prefill], extra: int) -> _Prefill:
         valid=valid,
         next_pos=torch.cat([s.next_pos for s in states], dim=1),
         kept=[k for s in states for k in s.kept],
+        sharing=[share for s in states for share in s.sharing],
     )
 
 
@@ -481,6 +574,11 @@ def _left_packed(keep: torch.Tensor):
     # Stable sort puts dropped columns first and kept ones after, in order; take the last `width`.
     # The padding slots of a shorter row point at dropped columns: finite values, masked out.
     return torch.sort(keep.int(), dim=1, stable=True).indices[:, -width:], valid
+
+
+def _head(prompt: PreparedPrompt, length: int) -> PreparedPrompt:
+    """The prompt's first `length` tokens, with all its images (they lie within them)."""
+    return PreparedPrompt(prompt.input_ids[:length], prompt.pixel_values, prompt.image_grid_thw)
 
 
 def _grid(prompt: PreparedPrompt) -> list[tuple[int, int, int]]:

@@ -28,6 +28,31 @@ class DecoderInputs:
 def decoder_inputs(model, prompts: list[PreparedPrompt], pad_token_id: int, blocks: list[int]) -> DecoderInputs:
     """Left-pads `prompts`, runs the vision tower (keeping `blocks` for the VIP) and scatters its
     features into the text embeddings of `model` (a Qwen2.5-VL ForConditionalGeneration)."""
+    tokens = token_inputs(model, prompts, pad_token_id)
+    vision = encode_images(
+        model.model.visual, torch.cat([p.pixel_values for p in prompts]).to(model.device), tokens.grid, blocks
+    )
+    if int(tokens.image.sum()) != vision.merged.shape[0]:
+        raise ValueError(f"{int(tokens.image.sum())} image tokens but {vision.merged.shape[0]} image features")
+    embeds = model.model.language_model.embed_tokens(tokens.ids)
+    embeds[tokens.image] = vision.merged.to(embeds.dtype)
+    return DecoderInputs(embeds, tokens.positions, tokens.valid, tokens.image, tokens.ids, vision, tokens.grid)
+
+
+@dataclass
+class TokenInputs:
+    """A left-padded batch before the vision tower: ids, valid, image [B, T]; positions [3, B, T]; grid."""
+
+    ids: torch.Tensor
+    valid: torch.Tensor
+    image: torch.Tensor
+    positions: torch.Tensor
+    grid: torch.Tensor
+
+
+def token_inputs(model, prompts: list[PreparedPrompt], pad_token_id: int) -> TokenInputs:
+    """The prompts' ids left-padded, and their M-RoPE positions (which need the image grids, not the
+    images): what the decoder sees besides the image features."""
     device = model.device
     length = max(len(p.input_ids) for p in prompts)
     ids = torch.full((len(prompts), length), pad_token_id, dtype=torch.long)
@@ -38,13 +63,8 @@ def decoder_inputs(model, prompts: list[PreparedPrompt], pad_token_id: int, bloc
     ids, valid = ids.to(device), valid.to(device)
     image = (ids == model.config.image_token_id) & valid
     grid = torch.cat([p.image_grid_thw for p in prompts]).to(device)
-    vision = encode_images(model.model.visual, torch.cat([p.pixel_values for p in prompts]).to(device), grid, blocks)
-    if int(image.sum()) != vision.merged.shape[0]:
-        raise ValueError(f"{int(image.sum())} image tokens but {vision.merged.shape[0]} image features")
-    embeds = model.model.language_model.embed_tokens(ids)
-    embeds[image] = vision.merged.to(embeds.dtype)
     # transformers 5.x needs mm_token_type_ids for M-RoPE; without it positions are silently 1-D.
     positions, _ = model.model.get_rope_index(
         ids, mm_token_type_ids=image.int(), image_grid_thw=grid, attention_mask=valid.long()
     )
-    return DecoderInputs(embeds, positions, valid, image, ids, vision, grid)
+    return TokenInputs(ids, valid, image, positions, grid)

@@ -1,0 +1,165 @@
+"""Many questions per image: rows that share an image prefix prefill it once, and answer exactly as
+they would alone (fp32: greedy tokens and kept masks), pruned and not, in batches that mix shared and
+unshared rows; their costs split the prefix evenly, as FlopCounterMode counts."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from torch.utils.flop_counter import FlopCounterMode
+
+from pipeline.glimpse.engine import GlimpseEngine, Request
+from pipeline.glimpse.prefixes import prefill_order, shared_prefixes
+from pipeline.glimpse.sampling import SamplingParams
+from tests.conftest import FIXTURE, fixture_requests
+from tests.test_engine import noise_image
+
+QUESTIONS = ["what is in the picture", "where is the red square", "describe it"]
+
+
+def questions_per_image(requests: list[Request], questions=QUESTIONS, max_new_tokens: int = 8) -> list[Request]:
+    return [
+        Request(f"{r.id}-{i}", r.images, q, SamplingParams(max_new_tokens=max_new_tokens))
+        for r in requests
+        for i, q in enumerate(questions)
+    ]
+
+
+def answer(engine: GlimpseEngine, requests: list[Request], share: bool, prune: bool, **batching):
+    engine.share_prefixes = share
+    try:
+        prompts = [engine.prepare(r) for r in requests]
+        return engine.generate_prepared(requests, prompts, prune, emit_masks=True, **batching)
+    finally:
+        engine.share_prefixes = True
+
+
+def images_per_vision_run(engine: GlimpseEngine, requests: list[Request], **kwargs) -> tuple[list, list[int]]:
+    """The engine's results, and the images of each run of its vision tower while it answered."""
+    runs: list[int] = []
+    hook = engine.model.model.visual.register_forward_hook(
+        lambda _module, _args, kwargs, _out: runs.append(len(kwargs["grid_thw"])), with_kwargs=True
+    )
+    try:
+        return answer(engine, requests, **kwargs), runs
+    finally:
+        hook.remove()
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return GlimpseEngine.from_pretrained(FIXTURE / "base", FIXTURE / "glimpse")
+
+
+@pytest.mark.parametrize("prune", [True, False])
+def test_shared_prefixes_answer_exactly_as_unshared_and_alone(engine, prune):
+    """Three questions about each of four fixture images, and one image asked once: a batch mixing
+    shared and unshared rows. The vision tower runs once, on each image once."""
+    fixture = fixture_requests(8)
+    requests = [*questions_per_image(fixture[:4]), fixture[4]]
+    unshared, runs = images_per_vision_run(engine, requests, share=False, prune=prune)
+    assert runs == [len(requests)]
+    shared, runs = images_per_vision_run(engine, requests, share=True, prune=prune)
+    assert runs == [5]
+    for request, a, b in zip(requests, unshared, shared):
+        assert b.new_tokens == a.new_tokens, request.id
+        assert b.kept_mask == a.kept_mask and b.n_visual_kept == a.n_visual_kept, request.id
+        assert b.prefix_shared_by == (1 if request is fixture[4] else 3)
+        assert a.prefix_shared_by == 1
+    for request, b in zip(requests[::4], shared[::4]):
+        (alone,) = answer(engine, [request], share=True, prune=prune)
+        assert alone.new_tokens == b.new_tokens and alone.kept_mask == b.kept_mask, request.id
+
+
+def test_the_fixture_questions_asked_twice_keep_the_release_masks(engine):
+    """Each fixture case asked twice in one batch: both copies prune exactly as the release does."""
+    from tests.conftest import fixture_cases
+
+    fixture = fixture_requests(4)
+    requests = [replace(r, id=f"{r.id}-{i}") for r in fixture for i in range(2)]
+    results = answer(engine, requests, share=True, prune=True)
+    expected = {e["case"]["id"]: e["glimpse"] for e in fixture_cases()}
+    for request, result in zip(requests, results):
+        case = expected[request.id.rsplit("-", 1)[0]]
+        assert result.prefix_shared_by == 2
+        assert result.kept_mask == [int(k) for mask in case["kept_masks"] for k in mask], request.id
+        assert result.new_tokens == case["new_tokens"][: len(result.new_tokens)], request.id
+
+
+def test_chunks_under_a_cache_budget_keep_the_sharing_rows_together(engine):
+    """Prefilled four rows at a time, decoded under a small KV-cache budget: the same answers, and
+    the rows of one image still share (they are ordered next to each other: images of 64, 84 and 99
+    tokens asked twice, then one of 256 asked once, make chunks of 4 and 3 rows)."""
+    fixture = fixture_requests(8)
+    requests = [*questions_per_image(fixture[:3], QUESTIONS[:2]), fixture[3]]
+    reference = answer(engine, requests, share=False, prune=True)
+    budget = 3 * 120 * engine.costs.kv_bytes_per_token()
+    chunked = answer(engine, requests, share=True, prune=True, prefill_rows=4, cache_budget_bytes=budget)
+    assert [r.new_tokens for r in chunked] == [r.new_tokens for r in reference]
+    assert [r.prefix_shared_by for r in chunked[:6]] == [2] * 6
+
+
+def test_only_equal_images_and_text_share_a_prefix(tiny_checkpoint):
+    engine = GlimpseEngine.from_pretrained(tiny_checkpoint / "base", tiny_checkpoint / "glimpse")
+    a, b, c = noise_image(60, 60, 1), noise_image(200, 90, 2), noise_image(60, 60, 3)
+    requests = [
+        Request("ab-1", [a, b], "describe"),
+        Request("ab-2", [a, b], "what differs"),
+        Request("ac", [a, c], "describe"),  # not ab's prefix: another second image
+        Request("cb", [c, b], "describe"),  # c has a's size: equal tokens, other pixels
+        Request("a", [a], "describe"),
+    ]
+    prompts = [engine.prepare(r) for r in requests]
+    shared = shared_prefixes(prompts, engine.image_token_id)
+    assert shared.of_row == [0, 0, 1, 2, 3]
+    assert shared_prefixes(prompts[2:], engine.image_token_id) is None
+    for prune in (True, False):
+        unshared = answer(engine, requests, share=False, prune=prune)
+        both = answer(engine, requests, share=True, prune=prune)
+        assert [r.new_tokens for r in both] == [r.new_tokens for r in unshared]
+        assert [r.kept_mask for r in both] == [r.kept_mask for r in unshared]
+
+
+def test_prefill_order_keeps_a_prefix_together_at_its_shortest_row(engine):
+    fixture = fixture_requests(4)
+    requests = [
+        Request("long-q", fixture[0].images, "what is in the picture and where is everything in it"),
+        Request("other", fixture[4].images, "hi"),
+        Request("short-q", fixture[0].images, "what"),
+    ]
+    prompts = [engine.prepare(r) for r in requests]
+    order = prefill_order(prompts, engine.image_token_id)
+    assert abs(order.index(0) - order.index(2)) == 1
+    assert prefill_order(prompts, None) == sorted(range(3), key=lambda i: len(prompts[i].input_ids))
+
+
+@pytest.mark.parametrize("prune", [True, False])
+def test_shared_costs_split_the_prefix_as_flop_counter_counts(prune):
+    """Eager attention (FlopCounterMode does not see inside CPU SDPA kernels); questions of one
+    length and a fixed keep ratio, so that no row pads: the batch's counted FLOPs equal the sum of
+    its rows' prefill costs, each carrying a third of the prefix."""
+    engine = GlimpseEngine.from_pretrained(FIXTURE / "base", FIXTURE / "glimpse", attn_implementation="eager")
+    engine.selection = engine.selection.overridden(keep_ratio=0.25)
+    image = fixture_requests(1)[3].images
+    questions = ["where is the red one", "where is the blue one", "where is the green one"]
+    requests = [Request(f"q{i}", image, q, SamplingParams(max_new_tokens=1)) for i, q in enumerate(questions)]
+    prompts = [engine.prepare(r) for r in requests]
+    assert len({len(p.input_ids) for p in prompts}) == 1, "the questions must tokenize to one length"
+    with FlopCounterMode(display=False) as counter:
+        results = engine.generate_prepared(requests, prompts, prune)
+    assert [r.prefix_shared_by for r in results] == [3, 3, 3]
+    counted = counter.get_total_flops()
+    assert sum(r.cost.prefill_flops for r in results) == pytest.approx(counted, rel=0.01)
+    alone = sum(r.cost.prefill_flops_unshared for r in results)
+    assert alone > 2 * counted  # the vision tower and the image's keys, once instead of three times
+    assert len({round(r.cost.prefill_flops) for r in results}) == 1
+
+
+def test_engine_counts_the_images_it_encodes(engine):
+    before = engine.images_encoded
+    fixture = fixture_requests(2)
+    engine.generate(questions_per_image(fixture[:2]), batch_size=6)
+    assert engine.images_encoded - before == 2
+    engine.generate(questions_per_image(fixture[:2]), batch_size=6, prune=False)
+    assert engine.images_encoded - before == 4
