@@ -44,9 +44,9 @@ class Workload:
         return asdict(self)
 
 
-def fixed_length_question(tokenizer, tokens: int) -> str:
-    """Words appended until the question is `tokens` tokens long (or first passes it)."""
+def fixed_length_question(tokenizer, tokens: int, vocabulary: list[str] = WORDS) -> str:
+    """Words of `vocabulary` appended in turn until the question is `tokens` tokens long (or first passes it)."""
     words: list[str] = []
     while len(tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]) < tokens:
-        words.append(WORDS[len(words) % len(WORDS)])
+        words.append(vocabulary[len(words) % len(vocabulary)])
     return " ".join(words)

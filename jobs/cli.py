@@ -50,6 +50,8 @@ OPTION_GROUPS = {
         "rows_per_block",
         "prepare_batch_size",
         "prepare_cpus",
+        "group_by_image",
+        "repartition_by_image",
     ),
     "output and accounting": (
         "output",

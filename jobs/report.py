@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         written.get("engine_busy_fraction"),
         written.get("device", "CPU"),
         written.get("devices", 1.0),
+        written.get("images_encoded"),
     )
     args.out.mkdir(parents=True, exist_ok=True)
     report = args.out / "report.html"

@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         written.get("engine_busy_fraction"),
         written.get("device", "CPU"),
         written.get("devices", 1.0),
+        written.get("images_encoded"),
     )
     output.write_summary({**written, **asdict(summary)})
     print(

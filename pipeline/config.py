@@ -124,6 +124,15 @@ class JobConfig(Options):
         "(a larger prepare_batch_size merges blocks)",
     )
     prepare_batch_size: int = Field(16, ge=1, description="rows per CPU preparation task")
+    group_by_image: bool = Field(
+        False,
+        description="sort each block's rows by their images, so questions about one image share its prefill",
+    )
+    repartition_by_image: bool = Field(
+        False,
+        description="first put every question about an image in one block (a Ray Data all-to-all shuffle); "
+        "implies group_by_image",
+    )
     prepare_cpus: float = Field(
         0.5,
         gt=0,

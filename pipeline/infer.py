@@ -72,7 +72,7 @@ class Answerer:
         self.engine_s = 0.0  # wall seconds inside the engine during the current call
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        started, self.engine_s = time.time(), 0.0
+        started, self.engine_s, encoded = time.time(), 0.0, self.engine.images_encoded
         faults.before_batch()
         rows = batch.to_pylist()
         for row in rows:
@@ -91,7 +91,7 @@ class Answerer:
                 score_columns(row["references"], row.get("answer"), row.get("control_unpruned_answer"), self.metric)
             )
         table = align(out, RESULT_SCHEMA)
-        counts = batch_counts(out)
+        counts = {**batch_counts(out), "images_encoded": self.engine.images_encoded - encoded}
         self.metrics.record(counts, self.engine_s)
         if self.progress is not None:
             self.progress.add.remote(counts, started, time.time(), self.engine_s, self.actor)

@@ -15,6 +15,7 @@ from pipeline.cluster import ClusterError, started_locally
 from pipeline.config import JobConfig
 from pipeline.control import control_sample
 from pipeline.fingerprint import job_fingerprint
+from pipeline.grouping import group_by_image
 from pipeline.lineage import job_lineage, now
 from pipeline.output import OutputDir, new_run_id
 from pipeline.plan import Plan, locate, make_plan, unschedulable
@@ -51,10 +52,13 @@ def check(config: JobConfig) -> Checked:
     return Checked(output, input_ids, model, glimpse, control_ids)
 
 
-def build_dataset(plan: Plan, source, progress=None, control_ids: frozenset[str] = frozenset()):
-    """The lazy pipeline over manifest rows: prepare → answer. Nothing runs until it is consumed
-    or written. `progress`: a ProgressCounter the answering actors report to; `control_ids`:
-    the rows also run unpruned."""
+def build_dataset(plan: Plan, source, progress=None, control_ids: frozenset[str] = frozenset(), rows: int = 0):
+    """The lazy pipeline over manifest rows: (group by image →) prepare → answer. Nothing runs until
+    it is consumed or written. `progress`: a ProgressCounter the answering actors report to;
+    `control_ids`: the rows also run unpruned; `rows`: how many there are (to repartition by image)."""
+    config = plan.config
+    if config.group_by_image or config.repartition_by_image:
+        source = group_by_image(source, config.repartition_by_image, rows, config.rows_per_block)
     return AnswerStage.from_plan(plan, progress, control_ids)(PrepareStage.from_plan(plan)(source))
 
 
@@ -93,7 +97,8 @@ def run(
             source = source.map_batches(drop_ids, fn_kwargs=dict(ids=done), batch_format="pyarrow")
         counter = ProgressCounter.remote()
         with ProgressLog(counter, config.progress_interval_s) as progress:
-            output.write_pending(build_dataset(plan, source, counter, checked.control_ids), run_id, lineage)
+            rows = len(checked.input_ids or listed_ids(config)) if config.repartition_by_image else 0
+            output.write_pending(build_dataset(plan, source, counter, checked.control_ids, rows), run_id, lineage)
         faults.reached("written")
         output.publish()
         table = output.read_results(SUMMARY_COLUMNS)
@@ -107,6 +112,7 @@ def run(
             progress.final["engine_busy"],
             device,
             devices,
+            progress.final["images_encoded"],
         )
         output.finish({**asdict(summary), "lineage": {**lineage, "finished_at": now()}})
         faults.reached("finished")

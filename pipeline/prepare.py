@@ -77,8 +77,10 @@ def prepare_batch(
     pixel_dtype: str = "float32",
 ) -> pa.Table:
     """`map_batches` function (tasks, not actors, so it shares CPUs with reads and writes):
-    manifest rows → PREPARED_SCHEMA rows, pixel values in `pixel_dtype` (the model's)."""
+    manifest rows → PREPARED_SCHEMA rows, pixel values in `pixel_dtype` (the model's). Rows about
+    the same images (URIs) fetch, decode and process them once per batch."""
     builder = prompt_builder(model, storage, min_pixels, max_pixels)
+    processed: dict[tuple[str, ...], tuple | Exception] = {}  # images → (pixels, grid) or why not
     out = []
     for row in batch.to_pylist():
         row["question"] = prompt if row.get("question") is None else row["question"]
@@ -88,8 +90,15 @@ def prepare_batch(
             continue
         try:
             check_question(row["question"], builder, max_question_tokens)
-            images = load_images(row, storage, max_image_bytes, max_image_pixels)
-            prepared = builder(images, row["question"])
+            key = tuple(row["images"])
+            if key not in processed:
+                try:
+                    processed[key] = builder.vision(load_images(row, storage, max_image_bytes, max_image_pixels))
+                except Exception as e:  # every row about these images fails the same way
+                    processed[key] = e
+            if isinstance(processed[key], Exception):
+                raise processed[key]
+            prepared = builder.with_question(*processed[key], row["question"])
             check_length(len(prepared.input_ids), row["max_new_tokens"], builder.max_positions)
         except Exception as e:  # recorded on the row: one bad input never fails the batch
             row["error_code"], row["error"] = describe(e)

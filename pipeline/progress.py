@@ -33,7 +33,7 @@ class ProgressCounter:
     last one's end (an autoscaling pool's actors come and go)."""
 
     def __init__(self) -> None:
-        self.totals = {"rows": 0, "failed": 0, "visual_tokens": 0, "visual_kept": 0}
+        self.totals = {"rows": 0, "failed": 0, "visual_tokens": 0, "visual_kept": 0, "images_encoded": 0}
         self.engine_s = 0.0
         self.spans: dict[str, tuple[float, float]] = {}  # actor → (first start, last end)
 

@@ -76,6 +76,9 @@ class Summary:
     flops: float
     flops_unpruned: float
     flops_saved: float
+    flops_unshared: float  # as run, had no row shared an image prefix: flops_unshared − flops is sharing's saving
+    rows_sharing_prefix: int  # rows that prefilled an image prefix together with others
+    images_encoded: int | None  # runs of the vision tower on an image, counted by the engines; None: not known
     kv_cache_bytes: int
     kv_cache_bytes_unpruned: int
     kv_cache_bytes_saved: int
@@ -110,11 +113,8 @@ class Summary:
             ("keep ratio", _ratio_line(self)),
             ("prompt tokens", f"{self.prompt_tokens:,} → {self.prompt_tokens_kept:,} kept"),
             ("generated tokens", f"{self.generated_tokens:,}"),
-            (
-                "FLOPs",
-                f"{self.flops:.3g} (unpruned {self.flops_unpruned:.3g}, "
-                f"saved {_share(self.flops_saved, self.flops_unpruned)})",
-            ),
+            ("FLOPs", _flops_line(self)),
+            *([("shared prefixes", _sharing_line(self))] if self.rows_sharing_prefix or self.images_encoded else []),
             (
                 "KV cache",
                 f"{_bytes(self.kv_cache_bytes)} (unpruned {_bytes(self.kv_cache_bytes_unpruned)}, "
@@ -148,10 +148,11 @@ def summarize(
     engine_busy_fraction: float | None = None,
     device: str = "CPU",
     devices: float = 1.0,
+    images_encoded: int | None = None,
 ) -> Summary:
     """Totals over result rows (RESULT_SCHEMA, at least SUMMARY_COLUMNS). What is measured while
-    the job runs and is not in the rows: the engines' busy fraction (None when not known), and
-    the devices the answering actors held, for the billed cost."""
+    the job runs and is not in the rows: the engines' busy fraction (None when not known), the
+    devices the answering actors held, for the billed cost, and the images their vision towers encoded."""
     ok = table.filter(pc.is_null(table.column("error")))
 
     def total(name, rows=ok):
@@ -183,6 +184,9 @@ def summarize(
         flops=flops,
         flops_unpruned=flops_unpruned,
         flops_saved=flops_unpruned - flops,
+        flops_unshared=flops - total("prefill_flops") + _total(_unshared_prefill(ok)),
+        rows_sharing_prefix=ok.filter(pc.greater(ok.column("prefix_shared_by").fill_null(1), 1)).num_rows,
+        images_encoded=images_encoded,
         kv_cache_bytes=total("kv_cache_bytes"),
         kv_cache_bytes_unpruned=total("kv_cache_bytes_unpruned"),
         kv_cache_bytes_saved=total("kv_cache_bytes_unpruned") - total("kv_cache_bytes"),
@@ -313,6 +317,15 @@ def _row_flops(rows: pa.Table, suffix: str):
     return pc.add(rows.column(f"prefill_flops{suffix}"), rows.column(f"decode_flops{suffix}"))
 
 
+def _unshared_prefill(rows: pa.Table):
+    """Each row's prefill FLOPs had it not shared its image prefix (as run, in outputs that predate sharing)."""
+    return pc.coalesce(rows.column("prefill_flops_unshared"), rows.column("prefill_flops"))
+
+
+def _total(values) -> float:
+    return pc.sum(values).as_py() or 0.0
+
+
 def _total_flops(rows: pa.Table, suffix: str) -> float:
     return pc.sum(_row_flops(rows, suffix)).as_py() or 0.0
 
@@ -342,6 +355,20 @@ def _bytes(n: float) -> str:
         n /= 1024
         units.pop(0)
     return f"{n:.1f} {units[0]}"
+
+
+def _flops_line(s: Summary) -> str:
+    saved = f"saved {_share(s.flops_saved, s.flops_unpruned)}"
+    if s.flops_unshared != s.flops:
+        pruning = _share(s.flops_unpruned - s.flops_unshared, s.flops_unpruned)
+        sharing = _share(s.flops_unshared - s.flops, s.flops_unpruned)
+        saved += f": pruning {pruning}, shared image prefixes {sharing}"
+    return f"{s.flops:.3g} (unpruned {s.flops_unpruned:.3g}, {saved})"
+
+
+def _sharing_line(s: Summary) -> str:
+    encoded = f"; {s.images_encoded} images encoded" if s.images_encoded is not None else ""
+    return f"{s.rows_sharing_prefix} of {s.rows_ok} rows shared an image prefix with others{encoded}"
 
 
 def _savings_line(s: Summary) -> str:

@@ -30,6 +30,9 @@ Result (one row per manifest row; in each file's metadata the schema version und
     engine_s                  this row's share of its batch's engine (GPU) seconds
     prefill_flops, decode_flops                  FLOPs as run (analytic, pipeline.glimpse.accounting)
     prefill_flops_unpruned, decode_flops_unpruned  the same request without pruning
+    prefill_flops_unshared    as run, had the row not shared its image prefix with other rows
+    prefix_shared_by          rows that prefilled this row's image prefix (its images and the text
+                              before its question) together, itself included; 1 when alone
     kv_cache_bytes, kv_cache_bytes_unpruned      KV cache the row held after prefill and decode
     control_*                 only for control rows (--control-fraction), measured on the same rows
                               in two batches of the same shape: pruned and unpruned engine seconds,
@@ -47,7 +50,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "4"  # 3: prefill_s, decode_s renamed batch_prefill_s, batch_decode_s; 4: scores, keep masks
+SCHEMA_VERSION = "5"  # 3: prefill_s, decode_s renamed batch_prefill_s, batch_decode_s; 4: scores, keep masks;
+# 5: shared image prefixes (prefill_flops_unshared, prefix_shared_by)
 SCHEMA_METADATA_KEY = b"glimpse_batch.schema"
 LINEAGE_METADATA_KEY = b"glimpse_batch.lineage"  # JSON: pipeline.lineage
 
@@ -98,6 +102,8 @@ RESULT_SCHEMA = pa.schema(
         pa.field("engine_s", pa.float64()),
         pa.field("prefill_flops", pa.float64()),
         pa.field("prefill_flops_unpruned", pa.float64()),
+        pa.field("prefill_flops_unshared", pa.float64()),
+        pa.field("prefix_shared_by", pa.int32()),
         pa.field("decode_flops", pa.float64()),
         pa.field("decode_flops_unpruned", pa.float64()),
         pa.field("kv_cache_bytes", pa.int64()),
@@ -130,6 +136,8 @@ SUMMARY_COLUMNS = [
     "engine_s",
     "prefill_flops",
     "prefill_flops_unpruned",
+    "prefill_flops_unshared",
+    "prefix_shared_by",
     "decode_flops",
     "decode_flops_unpruned",
     "kv_cache_bytes",

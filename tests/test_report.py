@@ -219,7 +219,9 @@ def test_report_headline_is_the_summary_and_its_figures(demo_report, opened):
     written = demo_report.written
     table = OutputDir(str(demo_report.output), StorageOptions()).read_results(REPORT_COLUMNS)
     args = (written["wall_s"], written["hourly_usd"], written["engine_busy_fraction"])
-    summary = summarize(table, str(demo_report.output), *args, written["device"], written["devices"])
+    summary = summarize(
+        table, str(demo_report.output), *args, written["device"], written["devices"], written["images_encoded"]
+    )
     shown = opened.page.locator("header .headline p").all_inner_texts()
     assert shown == summary.headline()
     for line, figures in zip(shown, expected_headline(written)):

@@ -163,3 +163,74 @@ def test_engine_counts_the_images_it_encodes(engine):
     assert engine.images_encoded - before == 2
     engine.generate(questions_per_image(fixture[:2]), batch_size=6, prune=False)
     assert engine.images_encoded - before == 4
+
+
+FIVE_QUESTIONS = [*QUESTIONS, "how many shapes are there", "what colour is the background"]
+
+
+def five_questions_manifest(path, interleaved: bool) -> list[dict]:
+    """Five questions about each fixture image: grouped by image, or question by question."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.conftest import fixture_cases
+
+    images = [str(FIXTURE / e["case"]["images"][0]) for e in fixture_cases()]
+    pairs = [(i, q) for q in range(5) for i in range(len(images))] if interleaved else None
+    pairs = pairs or [(i, q) for i in range(len(images)) for q in range(5)]
+    rows = [{"id": f"img{i}-q{q}", "image": images[i], "question": FIVE_QUESTIONS[q]} for i, q in pairs]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return rows
+
+
+def job_rows(tmp_path, name: str, **options):
+    import pyarrow.parquet as pq
+
+    from pipeline.config import JobConfig
+    from pipeline.job import run
+
+    config = JobConfig(
+        model=str(FIXTURE / "base"),
+        glimpse=str(FIXTURE / "glimpse"),
+        max_new_tokens=6,
+        output=str(tmp_path / name),
+        **options,
+    )
+    summary = run(config)
+    return summary, {r["id"]: r for r in pq.read_table(tmp_path / name).to_pylist()}
+
+
+@pytest.mark.parametrize("repartition", [False, True])
+def test_a_job_encodes_each_image_once_for_its_five_questions(ray_session, tmp_path, repartition):
+    """25 rows, five questions about each of five images. Grouped by image (the rows already lie
+    together, or lie question by question and are repartitioned by image), each answer batch holds
+    one image's five questions: the vision tower runs five times in all (counted by the engines),
+    and every answer, kept count and cost equals the unshared run's (batches of one row)."""
+    manifest = tmp_path / "manifest.parquet"
+    five_questions_manifest(manifest, interleaved=repartition)
+    blocks = dict(rows_per_block=5, prepare_batch_size=5, batch_size=5)
+    shared, rows = job_rows(
+        tmp_path, "shared", manifest=str(manifest), group_by_image=True, repartition_by_image=repartition, **blocks
+    )
+    alone, reference = job_rows(tmp_path, "alone", manifest=str(manifest), batch_size=1)
+    assert shared.images_encoded == 5 and alone.images_encoded == 25
+    assert shared.rows_sharing_prefix == 25 and alone.rows_sharing_prefix == 0
+    for row_id, row in rows.items():
+        expected = reference[row_id]
+        assert (row["answer"], row["n_visual_kept"]) == (expected["answer"], expected["n_visual_kept"]), row_id
+        assert row["prefix_shared_by"] == 5 and expected["prefix_shared_by"] == 1
+        assert row["prefill_flops_unshared"] == pytest.approx(expected["prefill_flops"])
+        assert row["prefill_flops"] < expected["prefill_flops"]
+    assert shared.flops_unshared == pytest.approx(alone.flops)
+    assert shared.flops < alone.flops
+    (flops,) = [line for line in shared.lines() if line.startswith("FLOPs")]
+    assert "shared image prefixes" in flops and "shared image prefixes" not in next(
+        line for line in alone.lines() if line.startswith("FLOPs")
+    )
+
+
+def test_without_grouping_rows_of_an_image_in_other_batches_do_not_share(ray_session, tmp_path):
+    manifest = tmp_path / "manifest.parquet"
+    five_questions_manifest(manifest, interleaved=True)
+    summary, _ = job_rows(tmp_path, "out", manifest=str(manifest), rows_per_block=5, prepare_batch_size=5, batch_size=5)
+    assert summary.images_encoded == 25 and summary.rows_sharing_prefix == 0

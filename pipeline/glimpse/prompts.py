@@ -165,20 +165,24 @@ class PromptBuilder:
         return ids, min(last_turn + 3, len(ids))
 
     def __call__(self, images: list[Image.Image], question: str) -> PreparedPrompt:
-        pixels, grid = self._vision(images)
-        return PreparedPrompt(self._expand(self.token_ids(len(images), question), grid), pixels, grid)
+        return self.with_question(*self.vision(images), question)
+
+    def with_question(self, pixels: torch.Tensor, grid: torch.Tensor, question: str) -> PreparedPrompt:
+        """The prompt for `question` about images already processed (`vision`): many questions
+        about one image process it once."""
+        return PreparedPrompt(self._expand(self.token_ids(len(grid), question), grid), pixels, grid)
 
     def training(
         self, images: list[Image.Image], question: str, answer: str, answer_start: str = "prompt_end"
     ) -> TrainingPrompt:
         """Inputs to train on: the conversation with `answer` as the assistant's turn."""
-        pixels, grid = self._vision(images)
+        pixels, grid = self.vision(images)
         ids, answer_start = self.training_token_ids(len(images), question, answer, answer_start)
         expanded = self._expand(ids, grid)
         shift = len(expanded) - len(ids)  # image pads come before the answer
         return TrainingPrompt(PreparedPrompt(expanded, pixels, grid), answer_start + shift)
 
-    def _vision(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+    def vision(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
         """Patches and grids of `images`."""
         if not images:
             raise RequestError("a request needs at least one image")

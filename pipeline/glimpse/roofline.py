@@ -65,9 +65,11 @@ class Roofliner:
     def __init__(self, costs: CostModel, roofline: Roofline) -> None:
         self.costs, self.roofline = costs, roofline
 
-    def prefill_seconds(self, shape: RequestShape, pruned: bool) -> float:
-        """One request's prefill at the roofline's prefill FLOP/s."""
-        flops = self.costs.prefill_flops(list(shape.grid_thw), shape.prompt_tokens, shape.kept_prompt_tokens, pruned)
+    def prefill_seconds(self, shape: RequestShape, pruned: bool, sharing: tuple[int, int] = (0, 1)) -> float:
+        """One request's prefill at the roofline's prefill FLOP/s; `sharing`: its first
+        `sharing[0]` tokens prefilled once for `sharing[1]` requests."""
+        grid = list(shape.grid_thw)
+        flops = self.costs.prefill_flops(grid, shape.prompt_tokens, shape.kept_prompt_tokens, pruned, *sharing)
         return flops / self.roofline.prefill_flops_per_s
 
     def decode_step_seconds(self, batch: int, context: int) -> float:
@@ -77,9 +79,11 @@ class Roofliner:
         flops = batch * (text.layers * (text.layer(1, 0) + 4 * text.heads * text.head_dim * context) + text.logits())
         return max(read / self.roofline.hbm_bytes_per_s, flops / self.roofline.peak_flops_per_s)
 
-    def run(self, shape: RequestShape, requests: int, batch: int, pruned: bool) -> RunPrediction:
-        """`requests` requests in full batches of `batch` (the last one shorter)."""
-        prefill = requests * self.prefill_seconds(shape, pruned)
+    def run(
+        self, shape: RequestShape, requests: int, batch: int, pruned: bool, sharing: tuple[int, int] = (0, 1)
+    ) -> RunPrediction:
+        """`requests` requests in full batches of `batch` (the last one shorter), sharing prefixes as `sharing` says."""
+        prefill = requests * self.prefill_seconds(shape, pruned, sharing)
         prompt = shape.kept_prompt_tokens if pruned else shape.prompt_tokens
         decode = 0.0
         for rows in [batch] * (requests // batch) + ([requests % batch] if requests % batch else []):
