@@ -202,6 +202,8 @@ class JobConfig(Options):
             raise ValueError(f"min_pixels {self.min_pixels} is over max_pixels {self.max_pixels}")
         if self.control_rows and self.control_fraction:
             raise ValueError("give control_rows or control_fraction, not both")
+        if (self.control_rows or self.control_fraction) and not self.prune:
+            raise ValueError("control rows compare pruned answers with unpruned ones: they need pruning (prune true)")
         low, high = self.actor_pool
         if not 1 <= low <= high:
             raise ValueError(f"num_actors {self.num_actors}: need 1 <= MIN <= MAX")

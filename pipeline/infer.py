@@ -80,6 +80,7 @@ class Answerer:
                 self._check_answer_fits(row)
         todo = [row for row in rows if row["error"] is None]
         results = self._answer(todo, self.prune) if todo else {}
+        encoded = self.engine.images_encoded - encoded  # the answers' images, not the control runs'
         out = [self._output(row, results.get(row["id"])) for row in rows]
         control = [
             row for row in todo if row["id"] in self.control_ids or in_control_sample(row["id"], self.control_fraction)
@@ -91,7 +92,7 @@ class Answerer:
                 score_columns(row["references"], row.get("answer"), row.get("control_unpruned_answer"), self.metric)
             )
         table = align(out, RESULT_SCHEMA)
-        counts = {**batch_counts(out), "images_encoded": self.engine.images_encoded - encoded}
+        counts = {**batch_counts(out), "images_encoded": encoded}
         self.metrics.record(counts, self.engine_s)
         if self.progress is not None:
             self.progress.add.remote(counts, started, time.time(), self.engine_s, self.actor)

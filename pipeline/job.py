@@ -46,6 +46,8 @@ def check(config: JobConfig) -> Checked:
     output.check_location()
     input_ids = check_ids(config)
     model, glimpse = locate(config)
+    if (config.control_rows or config.control_fraction) and glimpse is None:
+        raise ValueError("control rows compare pruned answers with unpruned ones: give the model's glimpse modules")
     control_ids = frozenset()
     if config.control_rows:
         control_ids = control_sample(input_ids if input_ids is not None else listed_ids(config), config.control_rows)

@@ -19,8 +19,10 @@ def pack(mask: list[int]) -> bytes:
 
 def token_grids(image_grid_thw: list[int]) -> list[tuple[int, int, int]]:
     """Each image's visual-token grid (t, h, w) from the flattened patch grids (t, h, w, t, h, w…)."""
-    if len(image_grid_thw) % 3:
-        raise ValueError(f"image_grid_thw holds {len(image_grid_thw)} numbers, not triples")
+    if image_grid_thw is None or len(image_grid_thw) % 3:
+        raise ValueError(f"image_grid_thw must be patch-grid triples, not {image_grid_thw!r:.60}")
+    if any(n <= 0 for n in image_grid_thw) or any(n % SPATIAL_MERGE for i, n in enumerate(image_grid_thw) if i % 3):
+        raise ValueError(f"image_grid_thw {image_grid_thw!r:.60} is not a grid of merged patches")
     return [
         (t, h // SPATIAL_MERGE, w // SPATIAL_MERGE)
         for t, h, w in zip(image_grid_thw[0::3], image_grid_thw[1::3], image_grid_thw[2::3])
@@ -28,7 +30,10 @@ def token_grids(image_grid_thw: list[int]) -> list[tuple[int, int, int]]:
 
 
 def unpack(kept_mask: bytes, image_grid_thw: list[int]) -> list[np.ndarray]:
-    """The packed mask as one boolean array per image, shaped like its token grid (t, h, w)."""
+    """The packed mask as one boolean array per image, shaped like its token grid (t, h, w). Rows
+    that were not pruned, or failed, have no mask (None): a ValueError, like a mask that does not fit."""
+    if kept_mask is None:
+        raise ValueError("the row has no kept mask (not pruned, failed, or run without --keep-masks)")
     grids = token_grids(image_grid_thw)
     sizes = [t * h * w for t, h, w in grids]
     if len(kept_mask) != (sum(sizes) + 7) // 8:

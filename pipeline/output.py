@@ -4,7 +4,7 @@ and remove only what it wrote.
 
     OUTPUT/*.parquet      the results, moved here from _pending when the run ends
     OUTPUT/_summary.json  the job's totals
-    OUTPUT/_scores.parquet  scores written offline by `jobs.score`; they replace the rows' own
+    OUTPUT/_scores.pq     scores written offline by `jobs.score` (Parquet); they replace the rows' own
     OUTPUT/_job.json      the job record: fingerprint, runs, state, the result files it published
     OUTPUT/_lease.json    present while a run writes (pipeline.lease)
     OUTPUT/_pending/RUN/  a run's results while it writes (readers skip `_` names)
@@ -34,12 +34,14 @@ from schemas import RESULT_SCHEMA
 
 log = logging.getLogger(__name__)
 PENDING = "_pending"
-SCORES_FILE = "_scores.parquet"
+# Parquet, named so that a reader globbing OUTPUT/*.parquet for the results does not take it in.
+SCORES_FILE = "_scores.pq"
 RECORD_FILE = "_job.json"
 STARTED_FILE = "_started"
 STATES = ("running", "publishing", "done", "overwriting")
 RUN_ID = re.compile(r"[0-9a-f]{32}")
-RECORD_TEMPORARY = re.compile(r"_job\.json\.[0-9a-f]{32}")  # a record being written (_write_record)
+# A record, summary or scores file being written (_replace): written beside, then moved over.
+RECORD_TEMPORARY = re.compile(r"_(job\.json|summary\.json|scores\.pq)\.[0-9a-f]{32}")
 RESULT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\.parquet")
 SHOWN = 5
 
@@ -191,8 +193,19 @@ class OutputDir:
             self._remove(f"{self.path}/{PENDING}/{run}")
         self._remove_if_empty(f"{self.path}/{PENDING}")
 
-    def read_results(self, columns: list[str]) -> pa.Table:
-        """This job's published rows (only the files its record lists), `columns` of them."""
+    def require_finished(self) -> None:
+        """Raises OutputError unless the location holds a job that finished (its summary written)."""
+        record = self._read_record()
+        if record is None:
+            raise OutputError(f"{self.uri or repr(self.uri)} holds no job output (no {RECORD_FILE})")
+        if record.state != "done":
+            raise OutputError(
+                f"the job in {self.uri} has not finished (it is {record.state}); rerun it to the end first"
+            )
+
+    def read_results(self, columns: list[str], scored: bool = True) -> pa.Table:
+        """This job's published rows (only the files its record lists), `columns` of them; with
+        `scored`, the scores `jobs.score` wrote in place of the rows' own."""
         record = self.record or self._read_record()
         if record is None:
             raise OutputError(f"{self.uri} holds no job output (no {RECORD_FILE})")
@@ -201,7 +214,9 @@ class OutputDir:
         if not record.files:
             return pa.schema([RESULT_SCHEMA.field(c) for c in columns]).empty_table()
         arrow_fs, _ = pyarrow_filesystem(self.uri, self.storage)
-        dataset = pq.ParquetDataset([f"{self.path}/{name}" for name in record.files], filesystem=arrow_fs)
+        # No partitioning: a `model=x` folder in the output's path is a location, not a column.
+        paths = [f"{self.path}/{name}" for name in record.files]
+        dataset = pq.ParquetDataset(paths, filesystem=arrow_fs, partitioning=None)
         wanted = list(dict.fromkeys([*columns, "id"]))
         present = [c for c in wanted if c in dataset.schema.names]
         table = dataset.read(columns=present)
@@ -209,32 +224,54 @@ class OutputDir:
             # An output of an older schema: the columns it predates are null (no scores, no masks).
             field = RESULT_SCHEMA.field(name)
             table = table.append_column(field, pa.nulls(table.num_rows, field.type))
-        scores = self._read_scores() if set(columns) & set(SCORE_COLUMNS) else None
+        scores = self._read_scores() if scored and set(columns) & set(SCORE_COLUMNS) else None
         if scores is not None:
             table = with_scores(table, scores)
         return table.select(columns)
 
     def write_scores(self, scores: pa.Table) -> None:
         """Offline scores (id and SCORE_COLUMNS) beside a finished job's results; read_results
-        gives them in place of the rows' own. A later run of the job removes them."""
-        record = self._read_record()
-        if record is None or record.state != "done":
-            raise OutputError(f"{self.uri} holds no finished job output to score")
+        gives them in place of the rows' own. An --overwrite of the job removes them."""
+        self.require_finished()
         buffer = pa.BufferOutputStream()
         pq.write_table(scores, buffer)
-        self.fs.pipe_file(f"{self.path}/{SCORES_FILE}", buffer.getvalue().to_pybytes())
+        self._replace(SCORES_FILE, buffer.getvalue().to_pybytes())
 
     def _read_scores(self) -> pa.Table | None:
         path = f"{self.path}/{SCORES_FILE}"
         if not self.fs.exists(path):
             return None
-        with self.fs.open(path, "rb") as f:
-            return pq.read_table(f)
+        try:
+            return pq.read_table(pa.BufferReader(self._read_file(SCORES_FILE)))
+        except (OSError, pa.ArrowException) as e:
+            raise OutputError(f"{self.uri}/{SCORES_FILE} cannot be read ({e}); run jobs.score again") from e
+
+    def _read_file(self, name: str) -> bytes:
+        """A file of the job's, refused unless it is a regular file: a FIFO in its place would
+        block the reader forever."""
+        path = f"{self.path}/{name}"
+        if not self.fs.isfile(path):
+            raise OutputError(f"{self.uri}/{name} is not a regular file")
+        return self.fs.cat_file(path)
+
+    def _replace(self, name: str, data: bytes) -> None:
+        """Writes `name` whole or not at all: beside, then moved over the old one (a link in its
+        place is replaced, not followed)."""
+        temporary = f"{self.path}/{name}.{uuid.uuid4().hex}"
+        self.fs.pipe_file(temporary, data)
+        self.fs.mv(temporary, f"{self.path}/{name}")
 
     def read_summary(self) -> dict:
         """The job's `_summary.json`, or {} before the job has written it."""
-        path = f"{self.path}/{SUMMARY_FILE}"
-        return json.loads(self.fs.cat_file(path)) if self.fs.exists(path) else {}
+        if not self.fs.exists(f"{self.path}/{SUMMARY_FILE}"):
+            return {}
+        try:
+            summary = json.loads(self._read_file(SUMMARY_FILE))
+        except ValueError as e:
+            raise OutputError(f"{self.uri}/{SUMMARY_FILE} is not JSON ({e})") from e
+        if not isinstance(summary, dict):
+            raise OutputError(f"{self.uri}/{SUMMARY_FILE} is not a job summary")
+        return summary
 
     def finish(self, summary: dict) -> None:
         """Writes the summary, then marks the job done."""
@@ -243,7 +280,7 @@ class OutputDir:
         self._write_record()
 
     def write_summary(self, summary: dict) -> None:
-        self.fs.pipe_file(f"{self.path}/{SUMMARY_FILE}", json.dumps(summary, indent=2).encode())
+        self._replace(SUMMARY_FILE, json.dumps(summary, indent=2).encode())
 
     def _read_record(self) -> JobRecord | None:
         path = f"{self.path}/{RECORD_FILE}"
@@ -251,17 +288,14 @@ class OutputDir:
         if not self.fs.exists(path):
             return None
         try:
-            return JobRecord.from_json(self.fs.cat_file(path))
+            return JobRecord.from_json(self._read_file(RECORD_FILE))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise OutputError(
                 f"{self.uri}/{RECORD_FILE} is not a job record this version can read ({e}); nothing was changed"
             ) from e
 
     def _write_record(self) -> None:
-        """Whole or not at all: written beside, then moved over the old one."""
-        temporary = f"{self.path}/{RECORD_FILE}.{self.record.runs[-1]}"
-        self.fs.pipe_file(temporary, json.dumps(asdict(self.record), indent=2).encode())
-        self.fs.mv(temporary, f"{self.path}/{RECORD_FILE}")
+        self._replace(RECORD_FILE, json.dumps(asdict(self.record), indent=2).encode())
 
     def _foreign_entries(self, record: JobRecord | None, entries: dict[str, str]) -> list[str]:
         """Names in the location, and in its _pending folder, that no run of this job wrote (a

@@ -7,8 +7,11 @@ generative answers that wrap the short answer in a sentence.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
+
+from rapidfuzz.distance import Levenshtein
 
 METRICS = ("vqa", "exact", "anls", "contains")
 
@@ -91,12 +94,20 @@ def default_metric(references: list[str]) -> str:
 
 
 def score(metric: str, prediction: str, references: list[str]) -> float:
-    """The prediction's score in [0, 1] under `metric`, one of METRICS."""
+    """The prediction's score in [0, 1] under `metric`, one of METRICS. A blank prediction scores 0
+    (unless a reference is blank too): normalisation drops articles, so an empty answer would
+    otherwise match a reference such as "A", and pruning that empties answers would look harmless."""
     scorer = _SCORERS.get(metric)
     if scorer is None:
         raise ValueError(f"unknown quality metric {metric!r}; expected one of {', '.join(METRICS)}")
+    if isinstance(references, str) or not all(isinstance(r, str) for r in references):
+        raise ValueError(f"references must be a list of texts, not {type(references).__name__} {references!r:.60}")
     if not references:
         raise ValueError(f"quality metric {metric!r} needs at least one reference answer")
+    if not isinstance(prediction, str):
+        raise ValueError(f"the prediction must be text, not {type(prediction).__name__}")
+    if not prediction.strip() and all(r.strip() for r in references):
+        return 0.0
     return scorer(prediction, references)
 
 
@@ -136,28 +147,25 @@ def _similarity(a: str, b: str) -> float:
     longest = max(len(a), len(b))
     if longest == 0:
         return 1.0
-    distance = _levenshtein(a, b) / longest
+    # rapidfuzz's C++ edit distance, stopping once the distance reaches the threshold: a long answer
+    # against a long reference costs microseconds, not the seconds of a Python loop.
+    cutoff = math.ceil(_ANLS_THRESHOLD * longest)
+    distance = Levenshtein.distance(a, b, score_cutoff=cutoff) / longest
     return 1.0 - distance if distance < _ANLS_THRESHOLD else 0.0
-
-
-def _levenshtein(a: str, b: str) -> int:
-    """The edit distance (insertions, deletions, substitutions), one DP row at a time."""
-    if len(a) < len(b):
-        a, b = b, a
-    previous = list(range(len(b) + 1))
-    for i, char_a in enumerate(a, start=1):
-        current = [i]
-        for j, char_b in enumerate(b, start=1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
-        previous = current
-    return previous[-1]
 
 
 def _contains(prediction: str, references: list[str]) -> float:
     """1 when some normalised reference occurs in the normalised prediction as whole words, so "red" is found in
-    "the car is red" but not in "reddish". A reference that normalises to nothing only matches an empty prediction."""
-    words = normalize_answer(prediction).split()
-    return float(any(_has_run(words, normalize_answer(reference).split()) for reference in references))
+    "the car is red" but not in "reddish". Articles stay words here, so a multiple-choice reference "A" is found in
+    "the answer is A"."""
+    words = _words(prediction)
+    return float(any(_has_run(words, _words(reference)) for reference in references))
+
+
+def _words(text: str) -> list[str]:
+    """The official normalisation's words, articles kept."""
+    words = _strip_punctuation(text.replace("\n", " ").replace("\t", " ").strip()).lower().split()
+    return [_CONTRACTIONS.get(w, w) for w in (_NUMBER_WORDS.get(w, w) for w in words)]
 
 
 def _has_run(words: list[str], run: list[str]) -> bool:

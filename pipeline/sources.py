@@ -124,22 +124,37 @@ def image_list(image, images) -> list[str]:
 
 
 def reference_list(answers, answer_ref) -> list[str] | None:
-    """The row's reference answers: `answers` (a list; in CSV a JSON list) or `answer_ref` (one),
-    numbers as written; None when the row has none. An empty `answers` list means none."""
+    """The row's reference answers: `answers` (a list; in CSV a JSON list) or `answer_ref` (one).
+    Numbers become text as written (JSON) or as Python writes them (Parquet); None when the row
+    has none, and an empty `answers` list means none. Anything else marks the row invalid_row."""
     if answers is not None and answer_ref is not None:
         raise InvalidRow("the row gives both `answers` and `answer_ref`; give one")
     if answer_ref is not None:
-        if not isinstance(answer_ref, str):
-            raise InvalidRow(f"`answer_ref` must be text, not {_kind(answer_ref)}")
-        return [str(answer_ref)]
+        return [_reference_text(answer_ref, "`answer_ref`")]
     if answers is None:
         return None
     if isinstance(answers, str) and not isinstance(answers, JsonNumber):
-        listed = _json_list(answers)
-        answers = listed if listed is not None else [answers]
-    if not isinstance(answers, (list, tuple)) or not all(isinstance(a, str) for a in answers):
-        raise InvalidRow(f"`answers` must be a list of texts, not {_kind(answers)}")
-    return [str(a) for a in answers] or None
+        answers = _json_value(answers) if answers.lstrip().startswith("[") else [answers]
+    if not isinstance(answers, (list, tuple)):
+        raise InvalidRow(f"`answers` must be a list of answers, not {_kind(answers)}")
+    return [_reference_text(a, f"`answers` item {i + 1}") for i, a in enumerate(answers)] or None
+
+
+def _reference_text(value, where: str) -> str:
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return str(value)
+    raise InvalidRow(f"{where} must be text or a number, not {_kind(value)}")
+
+
+def _json_value(text: str):
+    """A CSV cell that looks like a JSON list, parsed (its items checked by the caller); one that
+    does not parse is a single answer that starts with "["."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return [text]
 
 
 def _json_list(text: str) -> list[str] | None:
@@ -286,7 +301,7 @@ def _raw_rows(uri: str, storage: StorageOptions, extra_columns: tuple[str, ...])
     else:
         form = pyarrow.dataset.ParquetFileFormat()
     data = pyarrow.dataset.dataset(path, filesystem=fs, format=form)
-    columns = [name for name in (*TEXT_COLUMNS, *extra_columns) if name in data.schema.names]
+    columns = [name for name in dict.fromkeys((*TEXT_COLUMNS, *extra_columns)) if name in data.schema.names]
     return data.to_table(columns=columns).to_pylist()
 
 
@@ -389,8 +404,10 @@ def _column(batch: pa.Table, name: str) -> list:
 
 def _answer_texts(answers):
     """A dataset's answers as texts: Hugging Face's VQAv2 holds {"answer": ..., ...} records."""
-    if isinstance(answers, list):
-        return [a["answer"] if isinstance(a, dict) and "answer" in a else a for a in answers]
+    if isinstance(answers, list) and any(isinstance(a, dict) for a in answers):
+        if not all(isinstance(a, dict) and "answer" in a for a in answers):
+            raise InvalidRow("`answers` records must each have an `answer`")
+        return [a["answer"] for a in answers]
     return answers
 
 

@@ -44,8 +44,8 @@ class Control:
 class KeepQuartile:
     """Scores among the rows whose keep ratio falls in one quartile of the job's keep ratios."""
 
-    keep_low: float
-    keep_high: float
+    keep_low: float | None  # the lowest and highest keep ratio in it; None when it is empty
+    keep_high: float | None
     rows: int  # pruned rows in the quartile
     scored_rows: int
     score_mean: float | None
@@ -92,7 +92,7 @@ class Summary:
     hourly_usd: float | None  # the price of one device for an hour
     billed_usd: float | None  # wall time × devices × price: what the machines cost
     engine_usd: float | None  # engine seconds × price: the share spent answering
-    usd_per_1000_images: float | None  # engine time's cost, per 1,000 rows
+    usd_per_1000_images: float | None  # engine time's cost, per 1,000 answered rows
     usd_per_1000_images_unpruned_estimate: float | None
     scored_rows: int  # answered rows with references
     metrics: dict[str, int]  # scored rows per metric
@@ -200,8 +200,8 @@ def summarize(
         hourly_usd=price,
         billed_usd=wall_s / 3600 * devices * price if price is not None else None,
         engine_usd=engine_s / 3600 * price if price is not None else None,
-        usd_per_1000_images=_usd_per_1000(engine_s, table.num_rows, price),
-        usd_per_1000_images_unpruned_estimate=_usd_per_1000(unpruned_estimate, table.num_rows, price),
+        usd_per_1000_images=_usd_per_1000(engine_s, ok.num_rows, price),
+        usd_per_1000_images_unpruned_estimate=_usd_per_1000(unpruned_estimate, ok.num_rows, price),
         scored_rows=scored.num_rows,
         metrics=_counts(scored.column("metric")),
         score_mean=pc.mean(scored.column("score")).as_py() if scored.num_rows else None,
@@ -251,23 +251,26 @@ def _agreement(control: pa.Table) -> Estimate:
 
 
 def _keep_quartiles(ok: pa.Table, ratios: np.ndarray) -> list[KeepQuartile]:
-    """Scores and control comparisons per quartile of the pruned rows' keep ratios: does pruning
-    hurt more where it keeps less?"""
+    """Scores and control comparisons per quartile of the pruned rows by keep ratio: does pruning
+    hurt more where it keeps less? Quartiles by rank (a quarter of the rows each, ties in ratio
+    split by order), so equal ratios do not pile into one; with under 4 rows some are empty."""
     if not ratios.size:
         return []
     pruned = ok.filter(pc.and_(pc.equal(ok.column("pruned"), True), pc.greater(ok.column("n_visual_tokens"), 0)))
-    edges = np.quantile(ratios, [0, 0.25, 0.5, 0.75, 1])
-    quartile = np.minimum(np.searchsorted(edges[1:4], ratios, side="right"), 3)
+    rank = np.empty(len(ratios), dtype=np.int64)
+    rank[np.argsort(ratios, kind="stable")] = np.arange(len(ratios))
+    quartile = rank * 4 // len(ratios)
     quartiles = []
     for q in range(4):
-        rows = pruned.filter(pa.array(quartile == q))
+        members = quartile == q
+        rows = pruned.filter(pa.array(members))
         scored = rows.filter(pc.is_valid(rows.column("score")))
         control = _control_rows(rows)
         pruned_scores, unpruned_scores = _paired_scores(control)
         quartiles.append(
             KeepQuartile(
-                keep_low=float(edges[q]),
-                keep_high=float(edges[q + 1]),
+                keep_low=float(ratios[members].min()) if members.any() else None,
+                keep_high=float(ratios[members].max()) if members.any() else None,
                 rows=rows.num_rows,
                 scored_rows=scored.num_rows,
                 score_mean=pc.mean(scored.column("score")).as_py() if scored.num_rows else None,
@@ -293,7 +296,7 @@ def _counts(values: pa.ChunkedArray) -> dict[str, int]:
 
 
 def _usd_per_1000(engine_s: float, rows: int, hourly_usd: float | None) -> float | None:
-    """Engine seconds per image at the device's hourly price (idle time is not in engine seconds)."""
+    """Engine seconds per answered image at the device's hourly price (idle time is not in engine seconds)."""
     if hourly_usd is None or not rows:
         return None
     return engine_s / 3600 * hourly_usd / rows * 1000
@@ -309,7 +312,9 @@ def _unpruned_seconds(ok: pa.Table) -> float:
     """Σ engine_s × (unpruned FLOPs / FLOPs as run): each row's time scaled by what it would have computed."""
     if not ok.num_rows:
         return 0.0
-    ratio = pc.divide(_row_flops(ok, "_unpruned"), _row_flops(ok, ""))
+    as_run = _row_flops(ok, "")
+    # A row that cost nothing (none does, but a hand-made table may) keeps its seconds.
+    ratio = pc.if_else(pc.greater(as_run, 0), pc.divide(_row_flops(ok, "_unpruned"), as_run), 1.0)
     return pc.sum(pc.multiply(ok.column("engine_s"), ratio)).as_py() or 0.0
 
 
@@ -372,21 +377,36 @@ def _sharing_line(s: Summary) -> str:
 
 
 def _savings_line(s: Summary) -> str:
-    kept = _share(s.visual_tokens_kept, s.visual_tokens)
-    head = f"{s.rows} rows: pruning kept {kept} of visual tokens"
+    if not s.rows_ok:
+        return f"{_n(s.rows, 'row')}, none answered: nothing was pruned or compared"
     if s.keep_ratio_mean is None:
-        return f"{s.rows} rows: nothing was pruned"
+        return f"{_n(s.rows, 'row')}: nothing was pruned"
+    head = f"{_n(s.rows, 'row')}: pruning kept {_share(s.visual_tokens_kept, s.visual_tokens)} of visual tokens"
     c = s.control
-    if c is None or c.saving.value is None:
-        estimated = _share(s.engine_s_unpruned_estimate - s.engine_s, s.engine_s_unpruned_estimate)
-        return f"{head} and saved an estimated {estimated} of engine time (from FLOPs; no control rows measured it)"
-    effect = (
-        f"saved {c.saving.value:.1%} of engine time"
-        if c.saving.value >= 0
-        else f"cost {-c.saving.value:.1%} more engine time"
-    )
-    line = f"{head} and {effect} (measured on {c.rows} control rows, {_pm(c.saving)})"
-    return line + ("" if c.enough else f"; too few control rows to conclude (under {MIN_CONTROL_ROWS})")
+    if c is not None and c.saving.value is not None:
+        measured = "measured on " + _n(c.rows, "control row")
+        line = f"{head} and {_engine_time(c.saving, measured=measured)}"
+        return line + ("" if c.enough else f"; too few control rows to conclude (under {MIN_CONTROL_ROWS})")
+    why = "control rows measured no engine time" if c is not None else "no control rows measured it"
+    if not s.engine_s_unpruned_estimate:
+        return f"{head}; no engine time was measured"
+    estimate = 1 - s.engine_s / s.engine_s_unpruned_estimate
+    estimated = _engine_time(Estimate(estimate, None, None, 0), "an estimated ", f"from FLOPs; {why}")
+    return f"{head} and {estimated}"
+
+
+def _engine_time(saving: Estimate, estimated: str = "", measured: str = "") -> str:
+    """A saving of engine time in words, then in brackets what it was measured on and its interval,
+    in the same direction: a negative saving is a cost, and the interval given is the cost's."""
+    if saving.value >= 0:
+        value, low, high, effect = saving.value, saving.low, saving.high, "saved {}{} of engine time"
+    else:
+        value, effect = -saving.value, "cost {}{} more engine time"
+        low, high = (-saving.high, -saving.low) if saving.low is not None else (None, None)
+    notes = [measured] if measured else []
+    if low is not None:
+        notes.append(f"±{max(value - low, high - value):.1%}, 95% CI {low:.1%} to {high:.1%}")
+    return effect.format(estimated, f"{value:.1%}") + (f" ({', '.join(notes)})" if notes else "")
 
 
 def _answers_line(s: Summary) -> str:
@@ -395,37 +415,42 @@ def _answers_line(s: Summary) -> str:
         changed = "no control rows, so answers were not compared with unpruned ones"
     else:
         changed = (
-            f"answers changed on {1 - c.agreement.value:.1%} of {c.rows} control rows "
+            f"answers changed on {1 - c.agreement.value:.1%} of {_n(c.rows, 'control row')} "
             f"({_interval(c.agreement, flip=True)})"
         )
     if not s.scored_rows:
-        return f"{changed}; no scores (the input has no reference answers)"
+        return f"{changed}; no scores (no answered row has reference answers)"
+    metrics = ", ".join(s.metrics)
     if c is None or not c.scored_rows:
-        return f"{changed}; score {s.score_mean:.3f} over {s.scored_rows} rows ({_metric_names(s)})"
+        return f"{changed}; score {s.score_mean:.3f} over {_n(s.scored_rows, 'row')} ({metrics})"
     return (
-        f"{changed}; score pruned {c.score_pruned:.3f} vs unpruned {c.score_unpruned:.3f} "
-        f"on {c.scored_rows} control rows (difference {_pm(c.score_difference, percent=False)}; {_metric_names(s)})"
+        f"{changed}; score pruned {c.score_pruned:.3f} vs unpruned {c.score_unpruned:.3f} on "
+        f"{_n(c.scored_rows, 'scored control row')} (difference {_difference(c.score_difference)}; {metrics})"
     )
 
 
 def _control_line(c: Control) -> str:
     verdict = "" if c.enough else f"; too few to conclude (under {MIN_CONTROL_ROWS})"
-    return (
-        f"{c.rows} rows: measured saving {_pct(c.saving.value)} ({_pm(c.saving)}; estimated from FLOPs "
-        f"{_pct(c.saving_estimated)}), answers agree {_pct(c.agreement.value)} ({_interval(c.agreement)}){verdict}"
-    )
+    estimate = f"estimated from FLOPs: saved {_pct(c.saving_estimated)}"
+    saving = _engine_time(c.saving, measured=estimate) if c.saving.value is not None else "no engine time measured"
+    return f"{_n(c.rows, 'row')}: {saving}, answers agree {_pct(c.agreement.value)} ({_interval(c.agreement)}){verdict}"
 
 
 def _score_line(s: Summary) -> str:
-    return f"mean {s.score_mean:.3f} over {s.scored_rows} rows ({_metric_names(s)})"
+    return f"mean {s.score_mean:.3f} over {_n(s.scored_rows, 'row')} ({_metric_names(s)})"
 
 
 def _cost_line(s: Summary) -> str:
     unit = f"${s.hourly_usd:g}/{s.device}-hour"
+    per_image = (
+        f", ${s.usd_per_1000_images:.4f} per 1000 images (unpruned, estimated: "
+        f"${s.usd_per_1000_images_unpruned_estimate:.4f})"
+        if s.usd_per_1000_images is not None
+        else ""
+    )
     return (
-        f"${s.billed_usd:.4f} billed ({s.wall_s:.0f}s × {s.devices:g} {s.device}s at {unit}); "
-        f"${s.engine_usd:.4f} of engine time, ${s.usd_per_1000_images:.4f} per 1000 images "
-        f"(unpruned, estimated: ${s.usd_per_1000_images_unpruned_estimate:.4f})"
+        f"${s.billed_usd:.4f} billed ({s.wall_s:.1f}s × {_n(s.devices, s.device)} at {unit}); "
+        f"${s.engine_usd:.4f} of engine time{per_image}"
     )
 
 
@@ -433,13 +458,16 @@ def _metric_names(s: Summary) -> str:
     return ", ".join(f"{name} on {n}" if len(s.metrics) > 1 else name for name, n in s.metrics.items())
 
 
-def _pm(e: Estimate, percent: bool = True) -> str:
-    """A value's 95% interval as ± its half width, or why there is none."""
-    if e.half_width is None:
-        return "no interval from one row" if e.n == 1 else "no interval"
-    if percent:
-        return f"±{e.half_width:.1%}, 95% CI {e.low:.1%} to {e.high:.1%}"
-    return f"{e.value:+.3f}, 95% CI {e.low:+.3f} to {e.high:+.3f}"
+def _difference(e: Estimate) -> str:
+    if e.value is None:
+        return "n/a"
+    interval = f"95% CI {e.low:+.3f} to {e.high:+.3f}" if e.low is not None else "no interval from one row"
+    return f"{e.value:+.3f}, {interval}"
+
+
+def _n(count: float, noun: str) -> str:
+    """`1 row`, `2 rows`, `0.5 GPUs`."""
+    return f"{count:g} {noun}" + ("" if count == 1 else "s")
 
 
 def _interval(e: Estimate, flip: bool = False) -> str:

@@ -121,10 +121,34 @@ def test_contains_normalises_both_sides() -> None:
     assert score("contains", "There are two dogs.", ["2"]) == 1.0
 
 
-def test_contains_empty_reference_matches_only_empty_prediction() -> None:
-    # "the" normalises to nothing; it must not match every prediction.
+def test_contains_keeps_articles_as_words() -> None:
+    # A multiple-choice letter is a word: found in a sentence, not in every prediction.
+    assert score("contains", "The answer is A.", ["A"]) == 1.0
     assert score("contains", "a dog", ["the"]) == 0.0
-    assert score("contains", "the", ["an"]) == 1.0
+    assert score("contains", "the", ["an"]) == 0.0
+
+
+@pytest.mark.parametrize("metric", ["vqa", "exact", "contains", "anls"])
+def test_a_blank_answer_scores_nothing(metric) -> None:
+    # Normalisation drops articles: without the rule, "" would equal "A" under vqa and exact.
+    assert score(metric, "", ["A"] * 4) == 0.0
+    assert score(metric, "  ", ["the"] * 4) == 0.0
+
+
+def test_bad_inputs_are_refused() -> None:
+    with pytest.raises(ValueError, match="list of texts"):
+        score("exact", "r", "red")  # a string is not a list of one reference
+    with pytest.raises(ValueError, match="list of texts"):
+        score("exact", "r", ["red", None])
+    with pytest.raises(ValueError, match="prediction must be text"):
+        score("exact", None, ["red"])
+
+
+def test_anls_on_long_texts() -> None:
+    long = "the quick brown fox jumps over the lazy dog " * 150  # 6,600 characters
+    assert score("anls", long, [long[::-1], long.upper()]) == 1.0  # case does not count
+    assert score("anls", long, [long[::-1]]) == 0.0  # past the threshold: the cut-off distance is enough
+    assert score("anls", long, [long[:-40]]) == pytest.approx(1 - 40 / len(long.strip()), abs=1e-3)
 
 
 def test_default_metric() -> None:

@@ -4,6 +4,7 @@ rows, a fixed number of control rows, and `jobs.score` over a finished output (l
 from __future__ import annotations
 
 import json
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -67,11 +68,15 @@ def test_references_are_read_from_answers_or_answer_ref():
     assert reference_list(None, "dog") == ["dog"]
     assert reference_list('["a", "b"]', None) == ["a", "b"]  # a CSV cell holding a JSON list
     assert reference_list("dog", None) == ["dog"]  # a CSV cell holding one answer
+    assert reference_list("[citation needed]", None) == ["[citation needed]"]  # not JSON: one answer
+    assert reference_list([1, 2.5], None) == ["1", "2.5"]  # Parquet numbers
+    assert reference_list('["1", 2]', None) == ["1", "2"]  # CSV and JSON lines, numbers as written
     assert reference_list([], None) is None and reference_list(None, None) is None
     with pytest.raises(InvalidRow, match="both"):
         reference_list(["a"], "a")
-    with pytest.raises(InvalidRow, match="list of texts"):
-        reference_list([1, 2], None)
+    for bad in ([None, "red"], [True], '["a", null]', '[{"a": 1}]', {"a": 1}):
+        with pytest.raises(InvalidRow, match="answers"):
+            reference_list(bad, None)
     bad = normalize_row({"id": "x", "image": "a.png", "answers": {"a": 1}})
     assert bad["error_code"] == "invalid_row" and "answers" in bad["error"]
 
@@ -179,7 +184,8 @@ def test_score_scores_a_finished_output_offline(scored_job, tmp_path, capsys):
     pq.write_table(pa.Table.from_pylist(references), tmp_path / "refs.parquet")
     code, out, err = _score_offline(scored_job, tmp_path / "refs.parquet", "--metric", "exact", capsys=capsys)
     assert code == 0, err
-    assert f"scored {len(ids) - 1} of {len(ids)} rows" in out and "1 rows have no reference there" in out
+    assert f"scored {len(ids) - 1} of {len(ids)} rows" in out and "1 row has no reference there" in out
+    assert "(1 of them lose the score the job gave them)" in out
     table = OutputDir(str(scored_job.output), StorageOptions()).read_results(REPORT_COLUMNS).to_pylist()
     by_id = {r["id"]: r for r in table}
     for i in ids[:-1]:
@@ -195,7 +201,14 @@ def test_score_scores_a_finished_output_offline(scored_job, tmp_path, capsys):
 def test_score_refuses_what_it_cannot_join(scored_job, tmp_path, capsys):
     (tmp_path / "other.jsonl").write_text('{"id": "elsewhere", "answer_ref": "x"}\n')
     code, _, err = _score_offline(scored_job, tmp_path / "other.jsonl", capsys=capsys)
-    assert code == 2 and "none of the 1 ids" in err
+    assert code == 2 and "has a reference" in err
+    # A typo'd column (`answer`) gives no row a reference: refused, the job's scores kept.
+    pq.write_table(pa.table({"id": ["c1-0"], "answer": ["x"]}), tmp_path / "typo.parquet")
+    code, _, err = _score_offline(scored_job, tmp_path / "typo.parquet", capsys=capsys)
+    assert code == 2 and "has a reference" in err
+    (tmp_path / "nulls.jsonl").write_text('{"id": "c1-0", "answers": ["x", null]}\n')
+    code, _, err = _score_offline(scored_job, tmp_path / "nulls.jsonl", capsys=capsys)
+    assert code == 2 and "row c1-0" in err and "item 2" in err
     (tmp_path / "twice.jsonl").write_text('{"id": "c1-0", "answer_ref": "x"}\n{"id": "c1-0", "answer_ref": "y"}\n')
     code, _, err = _score_offline(scored_job, tmp_path / "twice.jsonl", capsys=capsys)
     assert code == 2 and "repeats" in err
@@ -205,6 +218,28 @@ def test_score_refuses_what_it_cannot_join(scored_job, tmp_path, capsys):
 
     assert main([str(tmp_path), "--references", str(tmp_path / "other.jsonl")]) == 2
     assert "holds no job output" in capsys.readouterr().err
+
+
+def test_score_reads_only_the_references_of_a_manifest(scored_job, tmp_path, capsys):
+    """The job's own kind of manifest, with a row whose image cell is wrong: its references still count."""
+    rows = [{"id": "c1-0", "image": 5, "answer_ref": "x"}, {"id": "c2-0", "image": "a.png", "answers": ["y"]}]
+    (tmp_path / "refs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, out, err = _score_offline(scored_job, tmp_path / "refs.jsonl", capsys=capsys)
+    assert code == 0, err
+    assert f"scored 2 of {len(scored_job.rows)} rows" in out
+
+
+def test_score_refuses_an_unfinished_job(scored_job, tmp_path, capsys):
+    import shutil
+
+    running = shutil.copytree(scored_job.output, tmp_path / "running")
+    record = json.loads((running / "_job.json").read_text())
+    (running / "_job.json").write_text(json.dumps({**record, "state": "running"}))
+    (tmp_path / "refs.jsonl").write_text('{"id": "c1-0", "answer_ref": "x"}\n')
+    from jobs.score import main
+
+    assert main([str(running), "--references", str(tmp_path / "refs.jsonl")]) == 2
+    assert "has not finished" in capsys.readouterr().err
 
 
 def test_score_on_s3(ray_session, s3, tmp_path, capsys, monkeypatch):
@@ -225,10 +260,10 @@ def test_score_on_s3(ray_session, s3, tmp_path, capsys, monkeypatch):
     refs = [{"id": i, "answers": [a, a, a, "no"]} for i, a in answers.items()]
     fs.pipe(f"{bucket}/refs.jsonl", "".join(json.dumps(r) + "\n" for r in refs).encode())
     endpoint = ["--s3-endpoint-url", options.endpoint_url]
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", options.key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", options.secret)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", options.key.get_secret_value())
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", options.secret.get_secret_value())
     assert main([output, "--references", f"s3://{bucket}/refs.jsonl", *endpoint]) == 0, capsys.readouterr().err
-    assert fs.exists(f"{bucket}/out/_scores.parquet")
+    assert fs.exists(f"{bucket}/out/_scores.pq")
     scored = OutputDir(output, options).read_results(REPORT_COLUMNS).to_pylist()
     # vqa (4 references): 3 equal the answer, so each leave-one-out subset holds 2 or 3 matches.
     expected = (3 * min(1, 2 / 3) + 1 * min(1, 3 / 3)) / 4
@@ -245,10 +280,75 @@ def test_an_output_of_the_previous_schema_reads_with_null_scores_and_masks(score
     from schemas import REPORT_COLUMNS
 
     old = shutil.copytree(scored_job.output, tmp_path / "old")
-    (old / "_scores.parquet").unlink(missing_ok=True)
+    (old / "_scores.pq").unlink(missing_ok=True)
     added = ["references", "metric", "score", "control_unpruned_score", "kept_mask", "image_grid_thw"]
     for path in old.glob("*.parquet"):
         pq.write_table(pq.read_table(path).drop_columns(added), path)
     table = OutputDir(str(old), StorageOptions()).read_results(REPORT_COLUMNS)
     assert table.num_rows == len(scored_job.rows)
     assert all(table.column(name).null_count == table.num_rows for name in added)
+
+
+def test_control_rows_need_pruning():
+    with pytest.raises(ValueError, match="need pruning"):
+        JobConfig.validated({"control_rows": 3, "prune": False})
+    with pytest.raises(ValueError, match="need pruning"):
+        JobConfig.validated({"control_fraction": 0.5, "prune": False})
+
+
+def test_a_row_without_a_mask_is_a_clear_error():
+    with pytest.raises(ValueError, match="no kept mask"):
+        unpack(None, [1, 4, 4])
+    with pytest.raises(ValueError, match="not a grid of merged patches"):
+        unpack(pack([1] * 4), [1, 3, 3])
+
+
+def summary_of(rows: list[dict]):
+    """The summary of hand-made result rows: defaults for what a test does not set."""
+    from pipeline.summary import summarize
+    from schemas import RESULT_SCHEMA, align
+
+    base = dict(error=None, pruned=True, n_visual_tokens=100, n_visual_kept=20, n_prompt_tokens=120)
+    base |= dict(n_prompt_tokens_kept=40, n_generated_tokens=5, engine_s=1.0, answer="a")
+    base |= dict(prefill_flops=1.0, prefill_flops_unpruned=2.0, decode_flops=1.0, decode_flops_unpruned=1.0)
+    base |= dict(kv_cache_bytes=10, kv_cache_bytes_unpruned=20)
+    table = align([{**base, "id": f"r{i}", **row} for i, row in enumerate(rows)], RESULT_SCHEMA)
+    return summarize(table, "out", 10.0, 1.0)
+
+
+def test_a_measured_cost_reads_as_a_cost_with_its_own_interval():
+    """Pruned runs slower on every control row: the saving is negative, so the headline says what
+    it cost, and the interval it gives is of that cost (both bounds positive), covering the value."""
+    control = dict(control_unpruned_answer="a", control_unpruned_generated_tokens=5)
+    rows = [{**control, "control_pruned_engine_s": 1.0 + i / 10, "control_unpruned_engine_s": 1.0} for i in range(1, 6)]
+    line = summary_of(rows).headline()[0]
+    cost = re.search(
+        r"cost (\S+)% more engine time \(measured on 5 control rows, ±(\S+)%, 95% CI (\S+)% to (\S+)%\)", line
+    )
+    assert cost, line
+    value, plus_minus, low, high = map(float, cost.groups())
+    assert value == pytest.approx(30.0) and 0 < low <= value <= high
+    assert value - plus_minus <= low and high <= value + plus_minus
+
+
+def test_an_estimated_cost_is_not_called_a_saving():
+    line = summary_of([{"prefill_flops": 3.0}]).headline()[0]  # pruned costs more than unpruned
+    assert "cost an estimated" in line and "saved an estimated -" not in line
+
+
+def test_one_scored_control_row_keeps_its_difference():
+    row = dict(control_unpruned_answer="b", control_pruned_engine_s=1.0, control_unpruned_engine_s=2.0)
+    row |= dict(references=["a"], metric="exact", score=1.0, control_unpruned_score=0.0)
+    line = summary_of([row]).headline()[1]
+    assert "difference +1.000, no interval from one row" in line and "1 scored control row " in line
+
+
+def test_when_every_row_failed_the_headline_says_so():
+    summary = summary_of([{"error": "gone", "error_code": "not_found"}] * 3)
+    assert summary.headline()[0] == "3 rows, none answered: nothing was pruned or compared"
+
+
+def test_tied_keep_ratios_split_by_rank_into_quartiles():
+    summary = summary_of([{"n_visual_kept": 10}] * 6 + [{"n_visual_kept": 90}] * 2)
+    assert [q.rows for q in summary.keep_quartiles] == [2, 2, 2, 2]
+    assert [q.keep_low for q in summary.keep_quartiles] == [0.1, 0.1, 0.1, 0.9]
