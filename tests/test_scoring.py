@@ -352,3 +352,23 @@ def test_tied_keep_ratios_split_by_rank_into_quartiles():
     summary = summary_of([{"n_visual_kept": 10}] * 6 + [{"n_visual_kept": 90}] * 2)
     assert [q.rows for q in summary.keep_quartiles] == [2, 2, 2, 2]
     assert [q.keep_low for q in summary.keep_quartiles] == [0.1, 0.1, 0.1, 0.9]
+
+
+def test_an_output_under_a_key_value_folder_reads_as_a_location(scored_job, tmp_path):
+    """`…/model=qwen/out` is a path, not a hive partition adding a `model` column to the rows."""
+    import os
+    import shutil
+
+    from pipeline.output import OutputDir, OutputError
+    from pipeline.storage import StorageOptions
+    from schemas import REPORT_COLUMNS
+
+    copy = shutil.copytree(scored_job.output, tmp_path / "model=qwen" / "out")
+    output = OutputDir(str(copy), StorageOptions())
+    table = output.read_results(REPORT_COLUMNS)
+    assert table.num_rows == len(scored_job.rows)
+    assert "model" not in table.column_names and table.column("id").null_count == 0
+    (copy / "_summary.json").unlink()
+    os.mkfifo(copy / "_summary.json")  # would block a reader forever
+    with pytest.raises(OutputError, match="not a regular file"):
+        output.read_summary()
