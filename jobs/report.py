@@ -12,6 +12,8 @@ from pathlib import Path
 
 from jobs.cli import JobArgumentParser, add_storage_options, storage_overrides
 
+MAX_GALLERY = 200  # rows the gallery may show: each inlines its pictures, so more make a page too large to open
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = JobArgumentParser(prog="python -m jobs.report", description=__doc__.split("\n")[0])
@@ -20,16 +22,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--hourly-usd", type=float, help="price of one answering device (GPU, or CPU) per hour (default: the job's)"
     )
-    parser.add_argument("--gallery", type=int, default=8, metavar="N", help="rows the gallery shows (default: 8)")
+    parser.add_argument(
+        "--gallery", type=int, default=8, metavar="N", help=f"rows the gallery shows, 0 to {MAX_GALLERY} (default: 8)"
+    )
     add_storage_options(parser)
     args = parser.parse_args(argv)
-    if args.gallery < 0:
-        parser.error("--gallery must be 0 or more")
+    if not 0 <= args.gallery <= MAX_GALLERY:
+        parser.error(f"--gallery must be 0 to {MAX_GALLERY}")
     if args.hourly_usd is not None and not (math.isfinite(args.hourly_usd) and args.hourly_usd >= 0):
         parser.error("--hourly-usd must be a finite price, 0 or more")
 
+    import pyarrow as pa
+    from botocore.exceptions import BotoCoreError, ClientError
+
     from pipeline.output import OutputDir, OutputError
-    from pipeline.report import render
+    from pipeline.report import render, write
     from pipeline.storage import StorageOptions
     from pipeline.summary import summarize
     from schemas import REPORT_COLUMNS
@@ -37,11 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     storage = StorageOptions(**storage_overrides(args))
     output = OutputDir(args.output, storage)
     try:
+        output.require_finished()  # a running job's rows are not yet all there, nor its summary
         table = output.read_results(REPORT_COLUMNS)  # only the files the job wrote, whatever lies beside them
         written = output.read_summary()
     except OutputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e))
+    except (OSError, BotoCoreError, ClientError, pa.ArrowException) as e:  # unreachable, refused, or corrupt
+        return _fail(f"cannot read {args.output}: {type(e).__name__}: {e}")
     price = args.hourly_usd if args.hourly_usd is not None else written.get("hourly_usd")
     summary = summarize(
         table,
@@ -53,12 +62,19 @@ def main(argv: list[str] | None = None) -> int:
         written.get("devices", 1.0),
         written.get("images_encoded"),
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    report = args.out / "report.html"
-    report.write_text(render(table, summary, written.get("lineage"), storage, args.gallery), encoding="utf-8")
+    page = render(table, summary, written.get("lineage"), storage, args.gallery)
+    try:
+        report = write(page, args.out)  # only now: a report that failed leaves no empty folder behind
+    except OSError as e:
+        return _fail(f"cannot write the report to {args.out}: {type(e).__name__}: {e}")
     print("\n".join([*summary.headline(), *summary.lines()]))
     print(f"report: {report}")
     return 0
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

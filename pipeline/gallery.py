@@ -27,6 +27,8 @@ DIM = 0.3  # a pruned token's pixels are multiplied by this
 RESAMPLE = Image.Resampling.BICUBIC
 NO_MASKS = "run the job with --keep-masks to see what was kept"
 NOTHING_PRUNED = "no row was pruned, so nothing was left out"
+NONE_ASKED = "no gallery: the report was asked for none (--gallery 0)"
+GRID_SLACK = 1.0  # tokens either side: the processor rounds each side to whole tokens (Qwen's smart_resize)
 
 
 @dataclass
@@ -82,6 +84,8 @@ class Gallery:
 def build_gallery(table: pa.Table, storage: StorageOptions, size: int = 8, limits: Limits | None = None) -> Gallery:
     """About `size` answered, pruned rows spread over their keep ratios, the lowest and highest among
     them; rows with a kept mask are preferred, since only they can show what was kept."""
+    if size == 0:
+        return Gallery([], NONE_ASKED)
     candidates = _pruned_rows(table)
     if not candidates.num_rows:
         return Gallery([], NOTHING_PRUNED)
@@ -90,7 +94,8 @@ def build_gallery(table: pa.Table, storage: StorageOptions, size: int = 8, limit
     ratios = pc.divide(rows.column("n_visual_kept").cast(pa.float64()), rows.column("n_visual_tokens"))
     chosen = stratified(ratios.to_pylist(), rows.column("id").to_pylist(), size)
     has_masks = bool(masked.num_rows)
-    entries = [_entry(row, storage, limits or Limits(), has_masks) for row in rows.take(chosen).to_pylist()]
+    chosen_rows = rows.take(pa.array(chosen, pa.int64())).to_pylist()  # typed: an empty list is not `null`
+    entries = [_entry(row, storage, limits or Limits(), has_masks) for row in chosen_rows]
     return Gallery(entries, None if has_masks else NO_MASKS)
 
 
@@ -102,6 +107,16 @@ def stratified(ratios: list[float], ids: list[str], size: int) -> list[int]:
         return order
     positions = np.round(np.linspace(0, len(order) - 1, size)).astype(int)
     return [order[p] for p in positions]  # spaced at least 1 apart, so no position repeats
+
+
+def fits_grid(width: int, height: int, grid: tuple[int, int]) -> bool:
+    """Whether an image of `width` × `height` pixels can be the one the job saw as a token grid
+    (h, w): some one scale brings both sides within GRID_SLACK tokens of the grid, as the
+    processor's resize (aspect ratio kept, each side rounded to whole tokens) does. An image
+    replaced at its URI by one of another shape cannot, and drawn on the grid it would be stretched."""
+    h, w = grid
+    # Scales (tokens per pixel) that fit each side, as open intervals; the image fits if they meet.
+    return (w - GRID_SLACK) * height < (h + GRID_SLACK) * width and (h - GRID_SLACK) * width < (w + GRID_SLACK) * height
 
 
 def draw(image: Image.Image, mask: np.ndarray) -> tuple[Image.Image, int]:
@@ -153,6 +168,10 @@ def _picture(uri: str, mask: np.ndarray, storage: StorageOptions, limits: Limits
     except Exception as e:  # any reason the image is gone or unreadable now
         code, _ = describe(e)
         return Picture(uri, note=f"image not shown ({code.replace('_', ' ')}): {uri}")
+    if not fits_grid(image.width, image.height, mask.shape):
+        h, w = mask.shape
+        grid = f"{image.width}×{image.height} for a {w}×{h} token grid"
+        return Picture(uri, note=f"the image at {uri} no longer matches the row's grid ({grid}); not shown")
     drawn, cell = draw(image, mask)
     buffer = io.BytesIO()
     drawn.save(buffer, format="PNG")

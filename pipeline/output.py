@@ -216,10 +216,13 @@ class OutputDir:
         arrow_fs, _ = pyarrow_filesystem(self.uri, self.storage)
         # No partitioning: a `model=x` folder in the output's path is a location, not a column.
         paths = [f"{self.path}/{name}" for name in record.files]
-        dataset = pq.ParquetDataset(paths, filesystem=arrow_fs, partitioning=None)
         wanted = list(dict.fromkeys([*columns, "id"]))
-        present = [c for c in wanted if c in dataset.schema.names]
-        table = dataset.read(columns=present)
+        try:
+            dataset = pq.ParquetDataset(paths, filesystem=arrow_fs, partitioning=None)
+            present = [c for c in wanted if c in dataset.schema.names]
+            table = dataset.read(columns=present)
+        except pa.ArrowException as e:
+            raise OutputError(f"{self.uri} holds a result file that cannot be read ({e})") from e
         for name in [c for c in wanted if c not in present]:
             # An output of an older schema: the columns it predates are null (no scores, no masks).
             field = RESULT_SCHEMA.field(name)

@@ -10,6 +10,10 @@ from __future__ import annotations
 import base64
 import functools
 import io
+import os
+import re
+import uuid
+from pathlib import Path
 
 import jinja2
 import matplotlib
@@ -29,6 +33,9 @@ DATA_COLOUR = "#3b7dd8"  # every plot's data, so a test can find it
 SECOND_COLOUR = "#f0a030"
 FIGSIZE = (5.6, 3.4)
 NOT_AVAILABLE = "–"
+PAGE = "report.html"
+# Control characters HTML text must not hold (C0 but tab and newline, DEL, C1): a model can emit them.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 PLOT_COLUMNS = [
     "pruned",
     "n_visual_tokens",
@@ -69,6 +76,25 @@ def render(
     )
 
 
+def write(page: str, directory: Path) -> Path:
+    """Writes the page as `directory`/report.html (making the folder), whole or not at all: beside,
+    then moved over, so a link at report.html is replaced rather than followed (its target stays)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / PAGE
+    temporary = directory / f".{PAGE}.{uuid.uuid4().hex}"
+    try:
+        temporary.write_text(page, encoding="utf-8")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def printable(value):
+    """Text with its control characters shown as U+FFFD: raw, they are invalid in the page."""
+    return CONTROL_CHARACTERS.sub("\ufffd", value) if isinstance(value, str) else value
+
+
 @functools.cache
 def _template() -> jinja2.Template:
     environment = jinja2.Environment(
@@ -77,6 +103,7 @@ def _template() -> jinja2.Template:
         trim_blocks=True,
         lstrip_blocks=True,
         undefined=jinja2.StrictUndefined,  # a name the template misspells fails the report, not the reader
+        finalize=printable,  # every value the page shows: answers, questions, ids, URIs, lineage
     )
     return environment.get_template("report.html.j2")
 
@@ -134,19 +161,34 @@ def money(s: Summary) -> list[tuple[str, str, str]] | None:
     unit = f"${s.hourly_usd:g} per {s.device}-hour"
     plural = "" if s.devices == 1 else "s"
     return [
-        ("billed", f"${s.billed_usd:.4f}", f"{s.wall_s:.1f} s wall time × {s.devices:g} {s.device}{plural} at {unit}"),
-        ("engine time", f"${s.engine_usd:.4f}", f"{s.engine_s:.3g} {s.device} seconds inside the engine at {unit}"),
+        ("billed", _usd(s.billed_usd), f"{s.wall_s:.1f} s wall time × {s.devices:g} {s.device}{plural} at {unit}"),
+        ("engine time", _usd(s.engine_usd), f"{s.engine_s:.3g} {s.device} seconds inside the engine at {unit}"),
         (
             "per 1,000 images",
-            f"${s.usd_per_1000_images:.4f}",
-            f"engine time; unpruned, estimated from FLOPs: ${s.usd_per_1000_images_unpruned_estimate:.4f}",
+            _usd(s.usd_per_1000_images),
+            f"engine time; unpruned, estimated from FLOPs: {_usd(s.usd_per_1000_images_unpruned_estimate)}"
+            if s.usd_per_1000_images is not None
+            else "no answered rows to share the engine time",
         ),
     ]
 
 
+def _usd(value: float | None) -> str:
+    """A price, or NOT_AVAILABLE where there is none (no answered rows to divide it among)."""
+    return NOT_AVAILABLE if value is None else f"${value:.4f}"
+
+
 def control_verdict(s: Summary) -> str | None:
-    """Why the control rows cannot settle the question yet; None when there are enough of them."""
+    """Why the control rows cannot settle the question; None when there are enough of them. More
+    control rows are advised only where they could have been run: pruned rows were answered."""
     advice = f"Rerun the job with --control-rows {MIN_CONTROL_ROWS} or more."
+    if not s.rows_ok:
+        return "No row was answered, so there is nothing to compare."
+    if s.keep_ratio_mean is None:
+        return (
+            "Nothing was pruned (a --no-prune run, or one without glimpse modules), so there is no pruned answer "
+            "to compare with an unpruned one."
+        )
     if s.control is None:
         return f"No control rows: no row was also run unpruned, so nothing was measured. {advice}"
     if not s.control.enough:
@@ -158,7 +200,8 @@ def control_verdict(s: Summary) -> str | None:
 
 
 def quartile_rows(s: Summary) -> list[list[str]]:
-    """One row of the per-quartile table per keep-ratio quartile: does pruning hurt more where it keeps less?"""
+    """One row of the per-quartile table per keep-ratio quartile that holds rows (with fewer than 4
+    pruned rows some hold none): does pruning hurt more where it keeps less?"""
     return [
         [
             f"{q.keep_low:.1%} – {q.keep_high:.1%}",
@@ -171,6 +214,7 @@ def quartile_rows(s: Summary) -> list[list[str]]:
             _difference(q.score_difference),
         ]
         for q in s.keep_quartiles
+        if q.rows
     ]
 
 

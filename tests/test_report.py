@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import shutil
@@ -16,9 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from jobs.report import main as report_main
 from pipeline import keep_masks
-from pipeline.gallery import NO_MASKS, build_gallery, stratified
-from pipeline.report import render
+from pipeline.gallery import NO_MASKS, NONE_ASKED, build_gallery, fits_grid, stratified
+from pipeline.output import RECORD_FILE, SCORES_FILE
+from pipeline.report import PAGE, control_verdict, money, quartile_rows, render, write
 from pipeline.storage import StorageOptions
 from pipeline.summary import SUMMARY_FILE, summarize
 from schemas import RESULT_SCHEMA, align
@@ -133,9 +136,132 @@ def test_page_says_what_is_missing_and_escapes_the_rows(tmp_path):
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
 
 
-def test_report_refuses_a_folder_that_holds_no_job_output(tmp_path, capsys):
-    from jobs.report import main as report_main
+def synthetic_summary(rows: list[dict], hourly_usd: float | None = None, devices: float = 1.0):
+    table = align(rows, RESULT_SCHEMA)
+    return summarize(table, "out", 5.0, hourly_usd, None, "CPU", devices)
 
+
+def test_gallery_of_none_is_a_note(tmp_path):
+    rows = [synthetic_row(tmp_path, i, (2, 3), [1, 0, 1, 1, 0, 0]) for i in range(3)]
+    table = align(rows, RESULT_SCHEMA)
+    gallery = build_gallery(table, StorageOptions(), 0)
+    assert gallery.entries == [] and gallery.note == NONE_ASKED
+    summary = summarize(table, str(tmp_path), 5.0)
+    assert NONE_ASKED in render(table, summary, None, StorageOptions(), 0)
+
+
+def test_gallery_refuses_an_image_replaced_by_one_of_another_shape(tmp_path):
+    mask = [1, 0, 0, 1, 1, 0, 0, 0, 1, 1, 0, 1]  # a 3 × 4 grid: 112 × 84 pixels
+    rows = [synthetic_row(tmp_path, i, (3, 4), mask) for i in range(2)]
+    Image.new("RGB", (84, 112)).save(rows[1]["images"][0])  # replaced, turned on its side
+    entries = {e.id: e for e in build_gallery(align(rows, RESULT_SCHEMA), StorageOptions(), 8).entries}
+    assert entries["row0"].pictures[0].src is not None
+    (replaced,) = entries["row1"].pictures
+    assert replaced.src is None
+    assert replaced.note == (
+        f"the image at {rows[1]['images'][0]} no longer matches the row's grid (84×112 for a 4×3 token grid); not shown"
+    )
+
+
+@pytest.mark.parametrize(
+    "size, grid, fits",
+    [
+        ((112, 84), (3, 4), True),  # exactly the grid's pixels
+        ((1000, 760), (3, 4), True),  # larger, resized down: each side rounds to whole tokens
+        ((2800, 294), (10, 100), True),  # a wide image whose short side rounded by half a token
+        ((1000, 10), (1, 36), True),  # a short side under one token, made one token
+        ((84, 112), (3, 4), False),  # turned on its side
+        ((400, 100), (4, 4), False),
+        ((100, 400), (4, 4), False),
+    ],
+)
+def test_an_image_fits_its_grid_as_the_processor_rounds_it(size, grid, fits):
+    assert fits_grid(*size, grid) is fits
+
+
+def test_money_is_robust_to_no_rows_and_counts_devices():
+    empty = money(synthetic_summary([], hourly_usd=2.5))
+    assert [cost for _, cost, _ in empty] == ["$0.0035", "$0.0000", "–"]
+    assert "1 CPU at" in empty[0][2]
+    assert "2 CPUs at" in money(synthetic_summary([], hourly_usd=2.5, devices=2))[0][2]
+
+
+def test_page_of_a_job_with_no_rows_renders_with_a_price(tmp_path):
+    table = align([], RESULT_SCHEMA)
+    page = render(table, summarize(table, "out", 5.0, 2.5), None, StorageOptions())
+    assert "No row was answered" in page and "no answered rows" in page
+
+
+def test_control_note_says_why_there_is_nothing_to_compare(tmp_path):
+    pruned = [synthetic_row(tmp_path, i, (2, 3), None) for i in range(3)]
+    unpruned = [{**row, "pruned": False, "n_visual_kept": row["n_visual_tokens"]} for row in pruned]
+    failed = [{**row, "error": "not_found", "answer": None} for row in pruned]
+    assert "--control-rows 30" in control_verdict(synthetic_summary(pruned))
+    for rows, words in [(unpruned, "Nothing was pruned"), (failed, "No row was answered"), ([], "No row was answered")]:
+        note = control_verdict(synthetic_summary(rows))
+        assert words in note and "--control-rows" not in note, note
+
+
+def test_quartile_table_leaves_out_quartiles_without_rows(tmp_path):
+    summary = synthetic_summary([synthetic_row(tmp_path, i, (2, 3), None) for i in range(8)])
+    full = next(q for q in summary.keep_quartiles if q.rows)
+    summary = dataclasses.replace(summary, keep_quartiles=[full, dataclasses.replace(full, rows=0)])
+    assert [cells[1] for cells in quartile_rows(summary)] == [str(full.rows)]
+
+
+def test_page_shows_control_characters_as_replacement_characters(tmp_path):
+    rows = [
+        synthetic_row(
+            tmp_path, 0, (2, 3), [1, 0, 1, 1, 0, 0], id="row\x1b0", question="what\x00?", answer="a\x02b\tc\nd"
+        ),
+        synthetic_row(tmp_path, 1, (2, 3), [1, 0, 1, 1, 0, 0], references=["ref\x7f"], answer="x\x85y"),
+    ]
+    table = align(rows, RESULT_SCHEMA)
+    page = render(table, summarize(table, str(tmp_path), 5.0), None, StorageOptions())
+    assert not {chr(c) for c in [*range(0, 9), *range(11, 32), *range(0x7F, 0xA0)]} & set(page)
+    for shown in ["row\ufffd0", "what\ufffd?", "a\ufffdb\tc\nd", "ref\ufffd", "x\ufffdy"]:
+        assert shown in page
+
+
+def test_write_replaces_a_link_at_the_page_instead_of_following_it(tmp_path):
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / PAGE).symlink_to(target)
+    path = write("<p>page</p>", tmp_path / "out")
+    assert not path.is_symlink() and path.read_text() == "<p>page</p>"
+    assert target.read_text() == "keep me"
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [PAGE]  # no temporary left behind
+
+
+@pytest.mark.parametrize("gallery", ["-1", "201"])
+def test_report_refuses_a_gallery_out_of_bounds(tmp_path, capsys, gallery):
+    with pytest.raises(SystemExit) as exit:
+        report_main([str(tmp_path), "--gallery", gallery])
+    assert exit.value.code == 2 and "--gallery must be 0 to 200" in capsys.readouterr().err
+
+
+def test_report_on_s3_without_credentials_is_one_error_line(tmp_path, capsys, monkeypatch):
+    for name in ["ACCESS_KEY_ID", "SECRET_ACCESS_KEY", "SESSION_TOKEN", "PROFILE", "WEB_IDENTITY_TOKEN_FILE"]:
+        monkeypatch.delenv(f"AWS_{name}", raising=False)
+    monkeypatch.delenv("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", raising=False)
+    monkeypatch.delenv("AWS_CONTAINER_CREDENTIALS_FULL_URI", raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    # A region of its own: a new client, not one cached with another test's credentials.
+    argv = ["s3://no-such-bucket/out", "--s3-region", "eu-nowhere-1", "--out", str(tmp_path / "report")]
+    assert report_main(argv) == 2
+    assert_one_error_line(capsys.readouterr().err, "Unable to locate credentials")
+    assert not (tmp_path / "report").exists()
+
+
+def assert_one_error_line(err: str, words: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], err
+
+
+def test_report_refuses_a_folder_that_holds_no_job_output(tmp_path, capsys):
     pq.write_table(pa.table({"id": ["x"]}), tmp_path / "someone-elses.parquet")
     assert report_main([str(tmp_path), "--out", str(tmp_path / "report")]) == 2
     assert "holds no job output" in capsys.readouterr().err
@@ -144,7 +270,6 @@ def test_report_refuses_a_folder_that_holds_no_job_output(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def demo_report(ray_session, tmp_path_factory):
     """The bundled samples run for real on this CPU (4 control rows, masks kept, a price), then reported."""
-    from jobs.report import main as report_main
     from pipeline.config import JobConfig
     from pipeline.job import run
 
@@ -276,4 +401,59 @@ def test_report_page_is_clean_self_contained_and_priced_per_cpu_hour(demo_report
     assert height - last < 100, f"{height - last:.0f} blank pixels below the last plot"
     text = demo_report.page.read_text()
     assert "CPU-hour" in text and "GPU-hour" not in text
+    devices = demo_report.written["devices"]
+    assert f"× {devices:g} CPU{'' if devices == 1 else 's'} at" in text and "× 1 CPUs" not in text
     assert "the bundled samples" in page.locator("#run").inner_text()
+
+
+def test_report_page_fits_a_narrow_screen_without_breaking_numbers(demo_report, browser):
+    page = browser.new_page(viewport={"width": 400, "height": 800}, device_scale_factor=1)
+    page.goto(demo_report.page.as_uri(), wait_until="load")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 400 + 1
+    lines = page.locator("td.number").evaluate_all(
+        """es => es.map(e => { const r = document.createRange(); r.selectNodeContents(e);
+                               return [e.innerText, new Set([...r.getClientRects()].map(c => c.top)).size]; })"""
+    )
+    assert lines and all(count == 1 for _, count in lines), lines
+    page.close()
+
+
+@pytest.fixture
+def finished(demo_report, tmp_path):
+    """A copy of the demo job's output, to break."""
+    shutil.copytree(demo_report.output, tmp_path / "out")
+    return tmp_path / "out"
+
+
+@pytest.mark.parametrize("state", ["running", "publishing"])
+def test_report_refuses_a_job_that_has_not_finished(finished, tmp_path, capsys, state):
+    record = json.loads((finished / RECORD_FILE).read_text())
+    (finished / RECORD_FILE).write_text(json.dumps({**record, "state": state}))
+    assert report_main([str(finished), "--out", str(tmp_path / "report"), "--hourly-usd", "2"]) == 2
+    assert_one_error_line(capsys.readouterr().err, f"has not finished (it is {state})")
+    assert not (tmp_path / "report").exists()
+
+
+@pytest.mark.parametrize(
+    "name, content, words",
+    [
+        (SUMMARY_FILE, "{", "is not JSON"),
+        (SUMMARY_FILE, "[1, 2]", "is not a job summary"),
+        (SCORES_FILE, "not parquet", "cannot be read"),
+        ("results", "not parquet", "cannot read"),
+    ],
+)
+def test_report_on_a_corrupt_output_is_one_error_line(finished, tmp_path, capsys, name, content, words):
+    if name == "results":
+        name = json.loads((finished / RECORD_FILE).read_text())["files"][0]
+    (finished / name).write_text(content)
+    assert report_main([str(finished), "--out", str(tmp_path / "report")]) == 2
+    assert_one_error_line(capsys.readouterr().err, words)
+    assert not (tmp_path / "report").exists()
+
+
+def test_report_that_cannot_be_written_is_one_error_line(demo_report, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    for out in [tmp_path / "file", tmp_path / "file" / "report"]:
+        assert report_main([str(demo_report.output), "--out", str(out), "--gallery", "0"]) == 2
+        assert_one_error_line(capsys.readouterr().err, f"cannot write the report to {out}")
