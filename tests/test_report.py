@@ -440,7 +440,7 @@ def test_report_refuses_a_job_that_has_not_finished(finished, tmp_path, capsys, 
         (SUMMARY_FILE, "{", "is not JSON"),
         (SUMMARY_FILE, "[1, 2]", "is not a job summary"),
         (SCORES_FILE, "not parquet", "cannot be read"),
-        ("results", "not parquet", "cannot read"),
+        ("results", "not parquet", "holds a result file that cannot be read"),
     ],
 )
 def test_report_on_a_corrupt_output_is_one_error_line(finished, tmp_path, capsys, name, content, words):
