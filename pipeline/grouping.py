@@ -27,12 +27,21 @@ def group_by_image(dataset, repartition: bool = False, rows: int = 0, rows_per_b
 
 
 def with_image_key(batch: pa.Table) -> pa.Table:
-    """The rows with a short hash of their image URIs, in order."""
+    """The rows with their `image_key`, in order."""
+    inline = batch.column("image_bytes").to_pylist() if "image_bytes" in batch.column_names else None
     keys = [
-        hashlib.blake2b("\n".join(images or []).encode(), digest_size=8).hexdigest()
-        for images in batch.column("images").to_pylist()
+        image_key(images, inline[i] if inline else None) for i, images in enumerate(batch.column("images").to_pylist())
     ]
     return batch.append_column(IMAGE_KEY, pa.array(keys, pa.string()))
+
+
+def image_key(images: list[str] | None, image_bytes: list[bytes] | None = None) -> str:
+    """A short hash naming a row's images: of their bytes when the row carries them (a `datasets`
+    input, whose names are per row), else of their URIs."""
+    digest = hashlib.blake2b(digest_size=8)
+    for part in image_bytes or [uri.encode() for uri in images or []]:
+        digest.update(len(part).to_bytes(8, "big") + part)
+    return digest.hexdigest()
 
 
 def sorted_by_image(batch: pa.Table) -> pa.Table:

@@ -14,6 +14,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.checkpoints import Checkpoint
 from pipeline.failures import RowFailure, describe
+from pipeline.grouping import image_key
 from pipeline.storage import StorageOptions, read_bytes
 from schemas import PREPARED_SCHEMA, align
 
@@ -78,9 +79,9 @@ def prepare_batch(
 ) -> pa.Table:
     """`map_batches` function (tasks, not actors, so it shares CPUs with reads and writes):
     manifest rows → PREPARED_SCHEMA rows, pixel values in `pixel_dtype` (the model's). Rows about
-    the same images (URIs) fetch, decode and process them once per batch."""
+    the same images (URIs, or bytes) fetch, decode and process them once per batch."""
     builder = prompt_builder(model, storage, min_pixels, max_pixels)
-    processed: dict[tuple[str, ...], tuple | Exception] = {}  # images → (pixels, grid) or why not
+    processed: dict[str, tuple | Exception] = {}  # image_key → (pixels, grid) or why not
     out = []
     for row in batch.to_pylist():
         row["question"] = prompt if row.get("question") is None else row["question"]
@@ -90,7 +91,7 @@ def prepare_batch(
             continue
         try:
             check_question(row["question"], builder, max_question_tokens)
-            key = tuple(row["images"])
+            key = image_key(row["images"], row.get("image_bytes"))
             if key not in processed:
                 try:
                     processed[key] = builder.vision(load_images(row, storage, max_image_bytes, max_image_pixels))

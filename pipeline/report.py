@@ -164,10 +164,10 @@ def money(s: Summary) -> list[tuple[str, str, str]] | None:
         ("billed", _usd(s.billed_usd), f"{s.wall_s:.1f} s wall time × {s.devices:g} {s.device}{plural} at {unit}"),
         ("engine time", _usd(s.engine_usd), f"{s.engine_s:.3g} {s.device} seconds inside the engine at {unit}"),
         (
-            "per 1,000 images",
-            _usd(s.usd_per_1000_images),
-            f"engine time; unpruned, estimated from FLOPs: {_usd(s.usd_per_1000_images_unpruned_estimate)}"
-            if s.usd_per_1000_images is not None
+            "per 1,000 rows",
+            _usd(s.usd_per_1000_rows),
+            f"engine time; unpruned, estimated from FLOPs: {_usd(s.usd_per_1000_rows_unpruned_estimate)}"
+            if s.usd_per_1000_rows is not None
             else "no answered rows to share the engine time",
         ),
     ]
@@ -293,11 +293,11 @@ def _time_and_cost(ok: dict, summary: Summary) -> str:
     ax.bar(labels, prefills, color=DATA_COLOUR, label="prefill")
     ax.bar(labels, [t - p for t, p in zip(totals, prefills)], bottom=prefills, color=SECOND_COLOUR, label="decode")
     ax.set_ylabel(f"engine seconds ({summary.device})")
-    if summary.usd_per_1000_images is not None:
-        costs = [summary.usd_per_1000_images, summary.usd_per_1000_images_unpruned_estimate]
+    if summary.usd_per_1000_rows is not None:
+        costs = [summary.usd_per_1000_rows, summary.usd_per_1000_rows_unpruned_estimate]
         for x, (total, cost) in enumerate(zip(totals, costs)):
             ax.annotate(
-                f"${cost:.4f} / 1000 images",
+                f"${cost:.4f} / 1000 rows",
                 (x, total),
                 ha="center",
                 va="bottom",

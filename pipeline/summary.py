@@ -32,7 +32,7 @@ class Control:
     engine_s_pruned: float
     engine_s_unpruned: float
     saving: Estimate  # measured engine-seconds saving, 1 − Σ pruned / Σ unpruned (paired bootstrap)
-    saving_estimated: float | None  # the same rows' saving predicted from their FLOPs
+    saving_estimated: float | None  # the same rows' saving from pruning, predicted from their FLOPs
     agreement: Estimate  # share of rows whose pruned answer equals the unpruned one (Clopper–Pearson)
     scored_rows: int
     score_pruned: float | None
@@ -86,14 +86,15 @@ class Summary:
     rows_per_s: float
     engine_s: float
     engine_busy_fraction: float | None  # engine seconds / (actors × their span of batches)
-    engine_s_unpruned_estimate: float
+    engine_s_unpruned_estimate: float  # without pruning and without sharing image prefixes: the baseline
+    engine_s_unshared_estimate: float  # pruned, without sharing: pruning's estimated saving is against this
     device: str  # what the answering actors ran on: "GPU" or "CPU"
     devices: float  # GPUs the answering actors held (GPU runs), or their CPUs (CPU runs)
     hourly_usd: float | None  # the price of one device for an hour
     billed_usd: float | None  # wall time × devices × price: what the machines cost
     engine_usd: float | None  # engine seconds × price: the share spent answering
-    usd_per_1000_images: float | None  # engine time's cost, per 1,000 answered rows
-    usd_per_1000_images_unpruned_estimate: float | None
+    usd_per_1000_rows: float | None  # engine time's cost, per 1,000 answered rows
+    usd_per_1000_rows_unpruned_estimate: float | None
     scored_rows: int  # answered rows with references
     metrics: dict[str, int]  # scored rows per metric
     score_mean: float | None
@@ -161,7 +162,7 @@ def summarize(
     flops = total("prefill_flops") + total("decode_flops")
     flops_unpruned = total("prefill_flops_unpruned") + total("decode_flops_unpruned")
     engine_s = total("engine_s")
-    unpruned_estimate = _unpruned_seconds(ok)
+    unpruned_estimate = _scaled_seconds(ok, _row_flops(ok, "_unpruned"))
     ratios = _keep_ratios(ok)
     scored = ok.filter(pc.is_valid(ok.column("score")))
     price = hourly_usd
@@ -195,13 +196,14 @@ def summarize(
         engine_s=engine_s,
         engine_busy_fraction=engine_busy_fraction,
         engine_s_unpruned_estimate=unpruned_estimate,
+        engine_s_unshared_estimate=_scaled_seconds(ok, _unshared_flops(ok)),
         device=device,
         devices=devices,
         hourly_usd=price,
         billed_usd=wall_s / 3600 * devices * price if price is not None else None,
         engine_usd=engine_s / 3600 * price if price is not None else None,
-        usd_per_1000_images=_usd_per_1000(engine_s, ok.num_rows, price),
-        usd_per_1000_images_unpruned_estimate=_usd_per_1000(unpruned_estimate, ok.num_rows, price),
+        usd_per_1000_rows=_usd_per_1000(engine_s, ok.num_rows, price),
+        usd_per_1000_rows_unpruned_estimate=_usd_per_1000(unpruned_estimate, ok.num_rows, price),
         scored_rows=scored.num_rows,
         metrics=_counts(scored.column("metric")),
         score_mean=pc.mean(scored.column("score")).as_py() if scored.num_rows else None,
@@ -227,7 +229,7 @@ def _control(control: pa.Table) -> Control | None:
         engine_s_pruned=float(pruned_s.sum()),
         engine_s_unpruned=float(unpruned_s.sum()),
         saving=paired_bootstrap(pruned_s, unpruned_s, ratio_saving),
-        saving_estimated=1 - _total_flops(control, "") / unpruned_flops if unpruned_flops else None,
+        saving_estimated=1 - _total(_unshared_flops(control)) / unpruned_flops if unpruned_flops else None,
         agreement=_agreement(control),
         scored_rows=len(pruned_scores),
         score_pruned=float(pruned_scores.mean()) if len(pruned_scores) else None,
@@ -308,14 +310,19 @@ def _keep_ratios(ok: pa.Table) -> np.ndarray:
     return pc.divide(pruned.column("n_visual_kept").cast(pa.float64()), pruned.column("n_visual_tokens")).to_numpy()
 
 
-def _unpruned_seconds(ok: pa.Table) -> float:
-    """Σ engine_s × (unpruned FLOPs / FLOPs as run): each row's time scaled by what it would have computed."""
+def _scaled_seconds(ok: pa.Table, flops) -> float:
+    """Σ engine_s × (`flops` / FLOPs as run): each row's time scaled by what it would have computed."""
     if not ok.num_rows:
         return 0.0
     as_run = _row_flops(ok, "")
     # A row that cost nothing (none does, but a hand-made table may) keeps its seconds.
-    ratio = pc.if_else(pc.greater(as_run, 0), pc.divide(_row_flops(ok, "_unpruned"), as_run), 1.0)
+    ratio = pc.if_else(pc.greater(as_run, 0), pc.divide(flops, as_run), 1.0)
     return pc.sum(pc.multiply(ok.column("engine_s"), ratio)).as_py() or 0.0
+
+
+def _unshared_flops(rows: pa.Table):
+    """Each row's FLOPs had it not shared its image prefix: what pruning alone is measured against."""
+    return pc.add(_unshared_prefill(rows), rows.column("decode_flops"))
 
 
 def _row_flops(rows: pa.Table, suffix: str):
@@ -372,7 +379,7 @@ def _flops_line(s: Summary) -> str:
 
 
 def _sharing_line(s: Summary) -> str:
-    encoded = f"; {s.images_encoded} images encoded" if s.images_encoded is not None else ""
+    encoded = f"; the last run encoded {s.images_encoded} images" if s.images_encoded is not None else ""
     return f"{s.rows_sharing_prefix} of {s.rows_ok} rows shared an image prefix with others{encoded}"
 
 
@@ -390,7 +397,7 @@ def _savings_line(s: Summary) -> str:
     why = "control rows measured no engine time" if c is not None else "no control rows measured it"
     if not s.engine_s_unpruned_estimate:
         return f"{head}; no engine time was measured"
-    estimate = 1 - s.engine_s / s.engine_s_unpruned_estimate
+    estimate = 1 - s.engine_s_unshared_estimate / s.engine_s_unpruned_estimate  # pruning's part, not sharing's
     estimated = _engine_time(Estimate(estimate, None, None, 0), "an estimated ", f"from FLOPs; {why}")
     return f"{head} and {estimated}"
 
@@ -443,9 +450,9 @@ def _score_line(s: Summary) -> str:
 def _cost_line(s: Summary) -> str:
     unit = f"${s.hourly_usd:g}/{s.device}-hour"
     per_image = (
-        f", ${s.usd_per_1000_images:.4f} per 1000 images (unpruned, estimated: "
-        f"${s.usd_per_1000_images_unpruned_estimate:.4f})"
-        if s.usd_per_1000_images is not None
+        f", ${s.usd_per_1000_rows:.4f} per 1000 rows (unpruned, estimated: "
+        f"${s.usd_per_1000_rows_unpruned_estimate:.4f})"
+        if s.usd_per_1000_rows is not None
         else ""
     )
     return (

@@ -102,8 +102,8 @@ def test_summary_equals_figures_recomputed_from_the_rows(controlled_job):
         "flops_saved": flops_unpruned - flops,
         "kv_cache_bytes_saved": sum(r["kv_cache_bytes_unpruned"] - r["kv_cache_bytes"] for r in ok),
         "engine_s": engine_s,
-        "usd_per_1000_images": engine_s / 3600 * 2.5 / len(ok) * 1000,
-        "usd_per_1000_images_unpruned_estimate": unpruned_s / 3600 * 2.5 / len(ok) * 1000,
+        "usd_per_1000_rows": engine_s / 3600 * 2.5 / len(ok) * 1000,
+        "usd_per_1000_rows_unpruned_estimate": unpruned_s / 3600 * 2.5 / len(ok) * 1000,
         "billed_usd": written["wall_s"] / 3600 * 1 * 2.5,  # one CPU actor
         "engine_usd": engine_s / 3600 * 2.5,
     }

@@ -10,7 +10,7 @@ import pytest
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.glimpse.engine import GlimpseEngine, Request
-from pipeline.glimpse.prefixes import prefill_order, shared_prefixes
+from pipeline.glimpse.prefixes import prefill_chunks, shared_prefixes
 from pipeline.glimpse.sampling import SamplingParams
 from tests.conftest import FIXTURE, fixture_requests
 from tests.test_engine import noise_image
@@ -61,7 +61,7 @@ def test_shared_prefixes_answer_exactly_as_unshared_and_alone(engine, prune):
     unshared, runs = images_per_vision_run(engine, requests, share=False, prune=prune)
     assert runs == [len(requests)]
     shared, runs = images_per_vision_run(engine, requests, share=True, prune=prune)
-    assert runs == [5]
+    assert runs == [4, 1]  # the sharing rows' chunk, then the lone row's own
     for request, a, b in zip(requests, unshared, shared):
         assert b.new_tokens == a.new_tokens, request.id
         assert b.kept_mask == a.kept_mask and b.n_visual_kept == a.n_visual_kept, request.id
@@ -121,17 +121,24 @@ def test_only_equal_images_and_text_share_a_prefix(tiny_checkpoint):
         assert [r.kept_mask for r in both] == [r.kept_mask for r in unshared]
 
 
-def test_prefill_order_keeps_a_prefix_together_at_its_shortest_row(engine):
+def test_prefill_chunks_keep_groups_whole_and_lone_rows_apart(engine):
     fixture = fixture_requests(4)
     requests = [
         Request("long-q", fixture[0].images, "what is in the picture and where is everything in it"),
         Request("other", fixture[4].images, "hi"),
         Request("short-q", fixture[0].images, "what"),
+        Request("third-q", fixture[0].images, "why"),
+        Request("second", fixture[1].images, "hi"),
     ]
     prompts = [engine.prepare(r) for r in requests]
-    order = prefill_order(prompts, engine.image_token_id)
-    assert abs(order.index(0) - order.index(2)) == 1
-    assert prefill_order(prompts, None) == sorted(range(3), key=lambda i: len(prompts[i].input_ids))
+    chunks = prefill_chunks(prompts, engine.image_token_id, rows_per_chunk=2)
+    rows = [chunk for chunk, _ in chunks]
+    assert sorted(rows[0]) == [0, 2, 3]  # a chunk of 2 grows to the group's end
+    assert [shared.of_row for _, shared in chunks[:1]] == [[0, 0, 0]]
+    assert sorted(r for chunk in rows[1:] for r in chunk) == [1, 4] and all(s is None for _, s in chunks[1:])
+    alone = prefill_chunks(prompts, None, rows_per_chunk=2)
+    order = sorted(range(5), key=lambda i: len(prompts[i].input_ids))
+    assert [chunk for chunk, _ in alone] == [order[:2], order[2:4], order[4:]]
 
 
 @pytest.mark.parametrize("prune", [True, False])
@@ -223,6 +230,9 @@ def test_a_job_encodes_each_image_once_for_its_five_questions(ray_session, tmp_p
         assert row["prefill_flops"] < expected["prefill_flops"]
     assert shared.flops_unshared == pytest.approx(alone.flops)
     assert shared.flops < alone.flops
+    # The headline's estimate is pruning's alone, not sharing's too: about the unshared run's.
+    pruning = 1 - shared.engine_s_unshared_estimate / shared.engine_s_unpruned_estimate
+    assert pruning == pytest.approx(1 - alone.flops / alone.flops_unpruned, abs=0.05)
     (flops,) = [line for line in shared.lines() if line.startswith("FLOPs")]
     assert "shared image prefixes" in flops and "shared image prefixes" not in next(
         line for line in alone.lines() if line.startswith("FLOPs")
@@ -234,3 +244,19 @@ def test_without_grouping_rows_of_an_image_in_other_batches_do_not_share(ray_ses
     five_questions_manifest(manifest, interleaved=True)
     summary, _ = job_rows(tmp_path, "out", manifest=str(manifest), rows_per_block=5, prepare_batch_size=5, batch_size=5)
     assert summary.images_encoded == 25 and summary.rows_sharing_prefix == 0
+
+
+def test_a_datasets_input_groups_by_image_bytes(ray_session, tmp_path):
+    """A `datasets` row names its image after its own id; grouping goes by the image's bytes."""
+    import datasets
+
+    from tests.conftest import fixture_cases
+
+    images = [str(FIXTURE / e["case"]["images"][0]) for e in fixture_cases()[:2]]
+    pairs = [(i, q) for q in range(3) for i in range(2)]  # question by question: images interleaved
+    columns = {"id": [f"img{i}-q{q}" for i, q in pairs], "image": [images[i] for i, _ in pairs]}
+    columns["question"] = [FIVE_QUESTIONS[q] for _, q in pairs]
+    datasets.Dataset.from_dict(columns).cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "ds"))
+    options = dict(rows_per_block=6, prepare_batch_size=6, batch_size=6, group_by_image=True)
+    summary, _ = job_rows(tmp_path, "out", dataset=str(tmp_path / "ds"), **options)
+    assert summary.images_encoded == 2 and summary.rows_sharing_prefix == 6

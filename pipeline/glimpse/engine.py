@@ -22,7 +22,7 @@ from pipeline.glimpse.cache import PrunableKVCache
 from pipeline.glimpse.inputs import decoder_inputs, token_inputs
 from pipeline.glimpse.masks import attention_mask
 from pipeline.glimpse.modules import GlimpseModules
-from pipeline.glimpse.prefixes import SharedPrefixes, prefill_order, shared_prefixes
+from pipeline.glimpse.prefixes import SharedPrefixes, prefill_chunks
 from pipeline.glimpse.prompts import DTYPES, PreparedPrompt, PromptBuilder
 from pipeline.glimpse.readout import glimpse_logits, glimpse_query
 from pipeline.glimpse.sampling import BatchSampler, SamplingParams
@@ -219,15 +219,15 @@ class GlimpseEngine:
         Invariant, so the budget holds at every moment (a single chunk over it alone excepted):
         between chunks, the waiting chunks' peak plus the next chunk's prefill cache fit."""
         prune = prune and self.can_prune
-        order = prefill_order(prompts, self.image_token_id if self.share_prefixes else None)
-        chunk = prefill_rows or max(len(order), 1)
+        sharing = self.image_token_id if self.share_prefixes else None
+        chunks = prefill_chunks(prompts, sharing, prefill_rows or max(len(prompts), 1))
         results: list[Result | None] = [None] * len(requests)
         waiting: list[_Chunk] = []
         budget = math.inf if cache_budget_bytes is None else cache_budget_bytes
-        for start in range(0, len(order), chunk):
-            rows, upcoming = order[start : start + chunk], order[start + chunk : start + 2 * chunk]
+        for index, (rows, shared) in enumerate(chunks):
+            upcoming = chunks[index + 1] if index + 1 < len(chunks) else None
             started = time.perf_counter()
-            state = self._prefill([prompts[i] for i in rows], prune)
+            state = self._prefill([prompts[i] for i in rows], prune, shared)
             self._synchronize()
             prefilled = _Chunk(rows, state, time.perf_counter() - started)
             if waiting and self._cache_peak([*waiting, prefilled], requests) > budget:
@@ -255,11 +255,16 @@ class GlimpseEngine:
         merged = len(rows) * width * self.costs.kv_bytes_per_token()
         return merged * (1 + 1 / len(self.language_model.layers))
 
-    def _prefill_cache(self, rows: list[int], prompts: list[PreparedPrompt]) -> float:
-        """KV-cache bytes the prefill of `rows` may hold: unpruned, every layer, with the glimpse."""
-        if not rows:
+    def _prefill_cache(self, chunk: tuple[list[int], SharedPrefixes | None] | None, prompts) -> float:
+        """KV-cache bytes the prefill of `chunk` may hold: unpruned, every layer, with the glimpse;
+        a shared chunk's rows are as wide as its widest prefix and its widest own tokens together."""
+        if chunk is None:
             return 0.0
+        rows, shared = chunk
         width = max(len(prompts[r].input_ids) for r in rows) + 1
+        if shared is not None:
+            own = max(len(prompts[r].input_ids) - shared.lengths[u] for r, u in zip(rows, shared.of_row))
+            width = max(shared.lengths) + own + 1
         return len(rows) * width * self.costs.kv_bytes_per_token()
 
     def _decode_chunks(self, chunks, requests, prompts, prune, emit_masks, results) -> None:
@@ -306,12 +311,11 @@ class GlimpseEngine:
 
     # ---- prefill -------------------------------------------------------------------------------
 
-    def _prefill(self, prompts: list[PreparedPrompt], prune: bool) -> _Prefill:
+    def _prefill(self, prompts: list[PreparedPrompt], prune: bool, shared: SharedPrefixes | None) -> _Prefill:
         """Layers 0..K over each row's prompt (and the glimpse token), then, pruned, the VIP's choice
         of visual tokens and layers K+1.. over the kept ones; unpruned, every layer over the prompt.
-        Rows that share an image prefix (`share_prefixes`) run it once: see `_early_shared`."""
+        Rows that share an image prefix (`shared`) run it once: see `_early_shared`."""
         early = range(self.modules.config.reduce_layer + 1) if prune else range(len(self.language_model.layers))
-        shared = shared_prefixes(prompts, self.image_token_id) if self.share_prefixes else None
         state = self._early_shared(prompts, shared, early, prune) if shared else self._early(prompts, early, prune)
         if not prune:
             kept = [torch.ones(int(n), dtype=torch.bool, device=self.device) for n in state.image.sum(dim=1)]
