@@ -438,9 +438,11 @@ def _answers_line(s: Summary) -> str:
 
 def _control_line(c: Control) -> str:
     verdict = "" if c.enough else f"; too few to conclude (under {MIN_CONTROL_ROWS})"
-    estimate = f"estimated from FLOPs: saved {_pct(c.saving_estimated)}"
-    saving = _engine_time(c.saving, measured=estimate) if c.saving.value is not None else "no engine time measured"
-    return f"{_n(c.rows, 'row')}: {saving}, answers agree {_pct(c.agreement.value)} ({_interval(c.agreement)}){verdict}"
+    saving = _engine_time(c.saving) if c.saving.value is not None else "no engine time measured"
+    if c.saving_estimated is not None:
+        estimate = _engine_time(Estimate(c.saving_estimated, None, None, 0), "an estimated ")
+        saving += f"; from FLOPs alone, pruning {estimate}"
+    return f"{_n(c.rows, 'row')}: {saving}; answers agree {_pct(c.agreement.value)} ({_interval(c.agreement)}){verdict}"
 
 
 def _score_line(s: Summary) -> str:
