@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.output import OutputDir, OutputError
     from pipeline.report import render, write
     from pipeline.storage import StorageOptions
-    from pipeline.summary import summarize
+    from pipeline.summary import resummarize
     from schemas import REPORT_COLUMNS
 
     storage = StorageOptions(**storage_overrides(args))
@@ -51,17 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(e))
     except (OSError, BotoCoreError, ClientError, pa.ArrowException) as e:  # unreachable, refused, or corrupt
         return _fail(f"cannot read {args.output}: {type(e).__name__}: {e}")
-    price = args.hourly_usd if args.hourly_usd is not None else written.get("hourly_usd")
-    summary = summarize(
-        table,
-        args.output,
-        written.get("wall_s", 0.0),
-        price,
-        written.get("engine_busy_fraction"),
-        written.get("device", "CPU"),
-        written.get("devices", 1.0),
-        written.get("images_encoded"),
-    )
+    summary = resummarize(table, args.output, written, args.hourly_usd)
     page = render(table, summary, written.get("lineage"), storage, args.gallery)
     try:
         report = write(page, args.out)  # only now: a report that failed leaves no empty folder behind

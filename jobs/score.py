@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.scoring import rescored, scores_table
     from pipeline.sources import ManifestError
     from pipeline.storage import StorageOptions, UnsupportedURI
-    from pipeline.summary import summarize
+    from pipeline.summary import resummarize
     from schemas import SUMMARY_COLUMNS
 
     storage = StorageOptions(**storage_overrides(args))
@@ -64,16 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         output.write_scores(scores_table(table))
     except OutputError as e:
         return error(str(e))
-    summary = summarize(
-        table,
-        args.output,
-        written.get("wall_s", 0.0),
-        written.get("hourly_usd"),
-        written.get("engine_busy_fraction"),
-        written.get("device", "CPU"),
-        written.get("devices", 1.0),
-        written.get("images_encoded"),
-    )
+    summary = resummarize(table, args.output, written)
     output.write_summary({**written, **asdict(summary)})
     unknown = len(set(references) - set(ids))
     missing = len(ids) - len(referenced)

@@ -212,6 +212,21 @@ def summarize(
     )
 
 
+def resummarize(table: pa.Table, output: str, written: dict, hourly_usd: float | None = None) -> Summary:
+    """A finished job's summary recomputed from its rows (scores as they are now), with what only
+    the run measured taken from its `_summary.json` (`written`); `hourly_usd` replaces its price."""
+    return summarize(
+        table,
+        output,
+        written.get("wall_s", 0.0),
+        hourly_usd if hourly_usd is not None else written.get("hourly_usd"),
+        written.get("engine_busy_fraction"),
+        written.get("device", "CPU"),
+        written.get("devices", 1.0),
+        written.get("images_encoded"),
+    )
+
+
 def _control_rows(ok: pa.Table) -> pa.Table:
     return ok.filter(pc.is_valid(ok.column("control_unpruned_engine_s")))
 
