@@ -69,6 +69,16 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         raise ClusterError(f"cannot join the Ray cluster at {address}: {e.strerror or e}") from None
 
 
+def shortfall(resources: dict, needs: dict[str, tuple[float, str, str]]) -> str | None:
+    """The first resource in `needs` ({"GPU": (amount, who needs it, hint)…}) that `resources`
+    cannot hold, said in one line; None when they hold them all."""
+    for kind, (need, who, hint) in needs.items():
+        have = resources.get(kind, 0)
+        if need > have:
+            return f"{who} need {need:g} {kind}s; Ray has {have:g}{hint}"
+    return None
+
+
 def started_locally() -> bool:
     """Whether this process started its own local Ray (whose resources are all there will be)."""
     return _started_locally

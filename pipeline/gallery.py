@@ -20,6 +20,7 @@ from pipeline import keep_masks
 from pipeline.failures import describe
 from pipeline.prepare import decode_image
 from pipeline.storage import StorageOptions, read_bytes
+from pipeline.summary import keep_ratios, pruned_rows
 
 LONG_SIDE = 320  # the most pixels a picture spans on its long side, unless its grid needs MIN_CELL
 MIN_CELL = 2  # pixels per visual token at least, so that a large grid's mask stays visible
@@ -86,12 +87,12 @@ def build_gallery(table: pa.Table, storage: StorageOptions, size: int = 8, limit
     them; rows with a kept mask are preferred, since only they can show what was kept."""
     if size == 0:
         return Gallery([], NONE_ASKED)
-    candidates = _pruned_rows(table)
+    candidates = pruned_rows(table)
     if not candidates.num_rows:
         return Gallery([], NOTHING_PRUNED)
     masked = candidates.filter(pc.is_valid(candidates.column("kept_mask")))
     rows = masked if masked.num_rows else candidates
-    ratios = pc.divide(rows.column("n_visual_kept").cast(pa.float64()), rows.column("n_visual_tokens"))
+    ratios = keep_ratios(rows)
     chosen = stratified(ratios.to_pylist(), rows.column("id").to_pylist(), size)
     has_masks = bool(masked.num_rows)
     chosen_rows = rows.take(pa.array(chosen, pa.int64())).to_pylist()  # typed: an empty list is not `null`
@@ -127,12 +128,6 @@ def draw(image: Image.Image, mask: np.ndarray) -> tuple[Image.Image, int]:
     pruned = ~np.repeat(np.repeat(mask, cell, axis=0), cell, axis=1)
     pixels[pruned] = (pixels[pruned] * DIM).astype(np.uint8)
     return Image.fromarray(pixels), cell
-
-
-def _pruned_rows(table: pa.Table) -> pa.Table:
-    """Answered rows that pruning saw: they have visual tokens and a keep ratio."""
-    answered = pc.and_(pc.is_null(table.column("error")), pc.equal(table.column("pruned"), True))
-    return table.filter(pc.and_(answered, pc.greater(table.column("n_visual_tokens"), 0)))
 
 
 def _entry(row: dict, storage: StorageOptions, limits: Limits, draw_pictures: bool) -> Entry:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.checkpoints import Checkpoint, resolve_checkpoint
+from pipeline.cluster import shortfall
 from pipeline.config import JobConfig
 
 log = logging.getLogger(__name__)
@@ -75,17 +76,17 @@ def unschedulable(plan: Plan, resources: dict) -> str | None:
     """Why the smallest actor pool and one preparation task cannot run together on a cluster
     with `resources` (that will not grow): Ray would wait for them forever. None when they can."""
     low = plan.config.actor_pool[0]
-    need_gpus = low * plan.gpus_per_actor
-    need_cpus = (0 if plan.gpus_per_actor else low) + plan.config.prepare_cpus
-    have_gpus, have_cpus = resources.get("GPU", 0), resources.get("CPU", 0)
-    if need_gpus > have_gpus:
-        return f"{low} answering actors × {plan.gpus_per_actor:g} GPUs need {need_gpus:g} GPUs; Ray has {have_gpus:g}"
-    if need_cpus > have_cpus:
-        return (
-            f"{low} answering actors and a preparation task need {need_cpus:g} CPUs; Ray has {have_cpus:g} "
-            "(lower --num-actors or --prepare-cpus)"
-        )
-    return None
+    return shortfall(
+        resources,
+        {
+            "GPU": (low * plan.gpus_per_actor, f"{low} answering actors × {plan.gpus_per_actor:g} GPUs", ""),
+            "CPU": (
+                (0 if plan.gpus_per_actor else low) + plan.config.prepare_cpus,
+                f"{low} answering actors and a preparation task",
+                " (lower --num-actors or --prepare-cpus)",
+            ),
+        },
+    )
 
 
 def cluster_gpus() -> float:

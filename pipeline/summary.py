@@ -163,7 +163,8 @@ def summarize(
     flops_unpruned = total("prefill_flops_unpruned") + total("decode_flops_unpruned")
     engine_s = total("engine_s")
     unpruned_estimate = _scaled_seconds(ok, _row_flops(ok, "_unpruned"))
-    ratios = _keep_ratios(ok)
+    pruned = pruned_rows(ok)
+    ratios = keep_ratios(pruned).to_numpy()
     scored = ok.filter(pc.is_valid(ok.column("score")))
     price = hourly_usd
     return Summary(
@@ -208,7 +209,7 @@ def summarize(
         metrics=_counts(scored.column("metric")),
         score_mean=pc.mean(scored.column("score")).as_py() if scored.num_rows else None,
         control=_control(_control_rows(ok)),
-        keep_quartiles=_keep_quartiles(ok, ratios),
+        keep_quartiles=_keep_quartiles(pruned, ratios),
     )
 
 
@@ -236,8 +237,8 @@ def _control(control: pa.Table) -> Control | None:
         return None
     pruned_s = control.column("control_pruned_engine_s").to_numpy()
     unpruned_s = control.column("control_unpruned_engine_s").to_numpy()
-    pruned_scores, unpruned_scores = _paired_scores(control)
     unpruned_flops = _total_flops(control, "_unpruned")
+    comparison = _score_comparison(control)
     return Control(
         rows=control.num_rows,
         enough=control.num_rows >= MIN_CONTROL_ROWS,
@@ -246,19 +247,24 @@ def _control(control: pa.Table) -> Control | None:
         saving=paired_bootstrap(pruned_s, unpruned_s, ratio_saving),
         saving_estimated=1 - _total(_unshared_flops(control)) / unpruned_flops if unpruned_flops else None,
         agreement=_agreement(control),
-        scored_rows=len(pruned_scores),
-        score_pruned=float(pruned_scores.mean()) if len(pruned_scores) else None,
-        score_unpruned=float(unpruned_scores.mean()) if len(unpruned_scores) else None,
-        score_difference=paired_bootstrap(pruned_scores, unpruned_scores, mean_difference),
+        scored_rows=comparison["score_difference"].n,
+        **comparison,
     )
 
 
-def _paired_scores(control: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    """The pruned and unpruned scores of the control rows scored both ways."""
+def _score_comparison(control: pa.Table) -> dict:
+    """The control rows scored both ways: their mean pruned and unpruned scores, and the difference
+    with its paired-bootstrap interval, whose n is how many such rows there are (Control's and
+    KeepQuartile's score fields)."""
     both = control.filter(
         pc.and_(pc.is_valid(control.column("score")), pc.is_valid(control.column("control_unpruned_score")))
     )
-    return both.column("score").to_numpy(), both.column("control_unpruned_score").to_numpy()
+    pruned, unpruned = both.column("score").to_numpy(), both.column("control_unpruned_score").to_numpy()
+    return {
+        "score_pruned": float(pruned.mean()) if len(pruned) else None,
+        "score_unpruned": float(unpruned.mean()) if len(unpruned) else None,
+        "score_difference": paired_bootstrap(pruned, unpruned, mean_difference),
+    }
 
 
 def _agreement(control: pa.Table) -> Estimate:
@@ -267,13 +273,12 @@ def _agreement(control: pa.Table) -> Estimate:
     return clopper_pearson(pc.sum(same.cast(pa.int64())).as_py() or 0, control.num_rows)
 
 
-def _keep_quartiles(ok: pa.Table, ratios: np.ndarray) -> list[KeepQuartile]:
-    """Scores and control comparisons per quartile of the pruned rows by keep ratio: does pruning
-    hurt more where it keeps less? Quartiles by rank (a quarter of the rows each, ties in ratio
-    split by order), so equal ratios do not pile into one; with under 4 rows some are empty."""
+def _keep_quartiles(pruned: pa.Table, ratios: np.ndarray) -> list[KeepQuartile]:
+    """Scores and control comparisons per quartile of the pruned rows by keep ratio (`ratios`, theirs):
+    does pruning hurt more where it keeps less? Quartiles by rank (a quarter of the rows each, ties
+    in ratio split by order), so equal ratios do not pile into one; with under 4 rows some are empty."""
     if not ratios.size:
         return []
-    pruned = ok.filter(pc.and_(pc.equal(ok.column("pruned"), True), pc.greater(ok.column("n_visual_tokens"), 0)))
     rank = np.empty(len(ratios), dtype=np.int64)
     rank[np.argsort(ratios, kind="stable")] = np.arange(len(ratios))
     quartile = rank * 4 // len(ratios)
@@ -283,7 +288,6 @@ def _keep_quartiles(ok: pa.Table, ratios: np.ndarray) -> list[KeepQuartile]:
         rows = pruned.filter(pa.array(members))
         scored = rows.filter(pc.is_valid(rows.column("score")))
         control = _control_rows(rows)
-        pruned_scores, unpruned_scores = _paired_scores(control)
         quartiles.append(
             KeepQuartile(
                 keep_low=float(ratios[members].min()) if members.any() else None,
@@ -293,9 +297,7 @@ def _keep_quartiles(ok: pa.Table, ratios: np.ndarray) -> list[KeepQuartile]:
                 score_mean=pc.mean(scored.column("score")).as_py() if scored.num_rows else None,
                 control_rows=control.num_rows,
                 agreement=_agreement(control),
-                score_pruned=float(pruned_scores.mean()) if len(pruned_scores) else None,
-                score_unpruned=float(unpruned_scores.mean()) if len(unpruned_scores) else None,
-                score_difference=paired_bootstrap(pruned_scores, unpruned_scores, mean_difference),
+                **_score_comparison(control),
             )
         )
     return quartiles
@@ -319,10 +321,15 @@ def _usd_per_1000(engine_s: float, rows: int, hourly_usd: float | None) -> float
     return engine_s / 3600 * hourly_usd / rows * 1000
 
 
-def _keep_ratios(ok: pa.Table) -> np.ndarray:
-    """Kept share of visual tokens, one per pruned row that had any."""
-    pruned = ok.filter(pc.and_(pc.equal(ok.column("pruned"), True), pc.greater(ok.column("n_visual_tokens"), 0)))
-    return pc.divide(pruned.column("n_visual_kept").cast(pa.float64()), pruned.column("n_visual_tokens")).to_numpy()
+def pruned_rows(table: pa.Table) -> pa.Table:
+    """Answered rows that pruning saw: they have visual tokens, and so a keep ratio."""
+    answered = pc.and_(pc.is_null(table.column("error")), pc.equal(table.column("pruned"), True))
+    return table.filter(pc.and_(answered, pc.greater(table.column("n_visual_tokens"), 0)))
+
+
+def keep_ratios(pruned: pa.Table) -> pa.ChunkedArray:
+    """Kept share of visual tokens of each of `pruned_rows`."""
+    return pc.divide(pruned.column("n_visual_kept").cast(pa.float64()), pruned.column("n_visual_tokens"))
 
 
 def _scaled_seconds(ok: pa.Table, flops) -> float:
@@ -354,7 +361,7 @@ def _total(values) -> float:
 
 
 def _total_flops(rows: pa.Table, suffix: str) -> float:
-    return pc.sum(_row_flops(rows, suffix)).as_py() or 0.0
+    return _total(_row_flops(rows, suffix))
 
 
 def _percentile(values: np.ndarray, q: float) -> float | None:

@@ -23,6 +23,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from pipeline.checkpoints import Checkpoint, resolve_checkpoint
+from pipeline.cluster import shortfall, started_locally
 from pipeline.glimpse.config import GlimpseConfig
 from pipeline.glimpse.modules import check_fits
 from pipeline.storage import filesystem_for, protocol_of, pyarrow_filesystem
@@ -142,8 +143,6 @@ def run(config: TrainConfig, checked: Checked) -> dict:
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
-    from pipeline.cluster import started_locally
-
     if started_locally() and (problem := unschedulable(config, ray.cluster_resources())):
         raise TrainingError(problem)
     fs, root = filesystem_for(config.output, config.storage)
@@ -212,17 +211,18 @@ def run(config: TrainConfig, checked: Checked) -> dict:
 def unschedulable(config: TrainConfig, resources: dict) -> str | None:
     """Why the workers and one preparation task cannot run together on a Ray with `resources`
     that will not grow (the job's own local Ray): Ray Train would wait for them forever."""
-    need_cpus = config.num_workers * WORKER_CPUS + PREPARE_CPUS
-    need_gpus = config.num_workers if config.use_gpu else 0
-    have_cpus, have_gpus = resources.get("CPU", 0), resources.get("GPU", 0)
-    if need_gpus > have_gpus:
-        return f"{config.num_workers} workers with --use-gpu need {need_gpus} GPUs; Ray has {have_gpus:g}"
-    if need_cpus > have_cpus:
-        return (
-            f"{config.num_workers} workers and a preparation task need {need_cpus:g} CPUs; Ray has {have_cpus:g} "
-            "(lower --num-workers)"
-        )
-    return None
+    workers = config.num_workers
+    return shortfall(
+        resources,
+        {
+            "GPU": (workers if config.use_gpu else 0, f"{workers} workers with --use-gpu", ""),
+            "CPU": (
+                workers * WORKER_CPUS + PREPARE_CPUS,
+                f"{workers} workers and a preparation task",
+                " (lower --num-workers)",
+            ),
+        },
+    )
 
 
 def _train_storage(config: TrainConfig):
