@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.glimpse.architectures import architecture_of
 from pipeline.glimpse.config import GlimpseConfig
 
 
@@ -38,6 +39,7 @@ class _Text:
     head_dim: int
     intermediate: int
     vocab: int
+    qkv_bias: bool  # Qwen2.5's q, k, v projections have biases; Qwen3's have none, and q/k norms instead
 
     def layer(self, queries: int, keys: int) -> float:
         """One decoder layer: projections, attention (queries × keys) and the gated MLP."""
@@ -51,51 +53,12 @@ class _Text:
         return 2 * self.hidden * self.vocab
 
     def layer_params(self) -> int:
-        """Projections (q, k, v with biases, o without), the gated MLP, two norms."""
+        """Projections (q, k, v with biases in Qwen2.5, o without), q/k norms in Qwen3, the gated
+        MLP, two norms."""
         q_out, kv_out = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        attention = self.hidden * (q_out + 2 * kv_out) + q_out + 2 * kv_out + q_out * self.hidden
+        attention = self.hidden * (q_out + 2 * kv_out) + q_out * self.hidden
+        attention += (q_out + 2 * kv_out) if self.qkv_bias else 2 * self.head_dim
         return attention + 3 * self.hidden * self.intermediate + 2 * self.hidden
-
-
-@dataclass(frozen=True)
-class _Vision:
-    depth: int
-    hidden: int
-    intermediate: int
-    out_hidden: int
-    patch_inputs: int  # channels · temporal patch · patch²
-    merge: int
-    window: int  # merged cells per window side
-    full_attention_blocks: frozenset[int]
-
-    def image(self, t: int, h: int, w: int) -> float:
-        """The vision tower on one image of t × h × w patches, merger included."""
-        patches = t * h * w
-        full = t * (h * w) ** 2  # attention is per frame
-        windowed = (
-            t * self.merge**4 * _sum_squares(h // self.merge, self.window) * _sum_squares(w // self.merge, self.window)
-        )
-        per_block = 2 * patches * self.hidden * 4 * self.hidden + 6 * patches * self.hidden * self.intermediate
-        attention = sum(
-            4 * self.hidden * (full if i in self.full_attention_blocks else windowed) for i in range(self.depth)
-        )
-        merged_in = self.hidden * self.merge**2
-        merger = 2 * (patches // self.merge**2) * merged_in * (merged_in + self.out_hidden)
-        return 2 * patches * self.patch_inputs * self.hidden + self.depth * per_block + attention + merger
-
-    def params(self) -> int:
-        """Patch embedding, blocks (qkv and proj with biases, gated MLP with biases, two norms), merger."""
-        h, i = self.hidden, self.intermediate
-        block = 4 * h * h + 4 * h + 3 * h * i + 2 * i + h + 2 * h
-        merged_in = h * self.merge**2
-        merger = h + merged_in * merged_in + merged_in + merged_in * self.out_hidden + self.out_hidden
-        return self.patch_inputs * h + self.depth * block + merger
-
-
-def _sum_squares(cells: int, window: int) -> int:
-    """Σ of squared window extents along one axis: full windows, then the remainder."""
-    full, rest = divmod(cells, window)
-    return full * window**2 + rest**2
 
 
 @dataclass(frozen=True)
@@ -140,17 +103,9 @@ class CostModel:
             head_dim=head_dim,
             intermediate=text.intermediate_size,
             vocab=text.vocab_size,
+            qkv_bias=getattr(text, "attention_bias", True),
         )
-        self.vision = _Vision(
-            depth=vision.depth,
-            hidden=vision.hidden_size,
-            intermediate=vision.intermediate_size,
-            out_hidden=vision.out_hidden_size,
-            patch_inputs=vision.in_channels * vision.temporal_patch_size * vision.patch_size**2,
-            merge=vision.spatial_merge_size,
-            window=vision.window_size // vision.spatial_merge_size // vision.patch_size,
-            full_attention_blocks=frozenset(vision.fullatt_block_indexes),
-        )
+        self.vision = architecture_of(model_config).vision_cost(vision)
         self.vip = (
             _Vip(
                 fuse=glimpse.attn_fuse_size,

@@ -1,9 +1,11 @@
-"""Batched GlimpsePrune inference on Qwen2.5-VL: prefill with a glimpse, prune, decode on the pruned cache.
+"""Batched GlimpsePrune inference: prefill with a glimpse, prune, decode on the pruned cache.
 
 The engine drives transformers' own modules (vision tower, decoder layers, rotary embedding,
 rope index) and owns only what the method changes: the glimpse token, the attention read-out at
 the selected layers, the VIP, and the shortened sequences and KV cache after the pruning layer.
-Baseline mode (no modules, or prune=False) runs the same code without the glimpse.
+What differs between model families (Qwen2.5-VL, Qwen3-VL) is asked of the model's adapter
+(`pipeline.glimpse.architectures`). Baseline mode (no modules, or prune=False) runs the same code
+without the glimpse.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ import torch
 from PIL import Image
 
 from pipeline.glimpse.accounting import CostModel, RowCost, share_seconds
+from pipeline.glimpse.architectures import architecture_of, architecture_of_checkpoint
 from pipeline.glimpse.cache import PrunableKVCache
-from pipeline.glimpse.inputs import decoder_inputs, token_inputs
+from pipeline.glimpse.inputs import add_deepstack, decoder_inputs, token_inputs
 from pipeline.glimpse.masks import attention_mask
 from pipeline.glimpse.modules import GlimpseModules
 from pipeline.glimpse.prefixes import SharedPrefixes, prefill_chunks
 from pipeline.glimpse.prompts import DTYPES, PreparedPrompt, PromptBuilder
-from pipeline.glimpse.readout import glimpse_logits, glimpse_query
+from pipeline.glimpse.readout import glimpse_logits
 from pipeline.glimpse.sampling import BatchSampler, SamplingParams
 from pipeline.glimpse.selection import SelectionOptions, select_tokens
 
@@ -87,7 +90,9 @@ class _Early:
     """State after the early layers (0..K pruning, all of them not): hidden [B, T, H] and positions
     [3, B, T] of the sequence the later layers continue (when not pruning, only the last column
     matters); valid and image [B, T]; the cache; the glimpse's reads (pruning); the VIP's vision
-    features and each image's grid, images in row order; the rows' sharing of prefixes."""
+    features and each image's grid, images in row order; the rows' sharing of prefixes; the
+    DeepStack features [N, H] of the visual tokens at `image` (row-major), one per decoder layer
+    they are added after (Qwen3-VL; empty otherwise)."""
 
     hidden: torch.Tensor
     positions: torch.Tensor
@@ -98,6 +103,7 @@ class _Early:
     selected: list[torch.Tensor]
     grids: list[list[int]]
     sharing: list[tuple[int, int]]
+    deepstack: list[torch.Tensor]
 
 
 @dataclass
@@ -129,6 +135,7 @@ class GlimpseEngine:
             min_kept=glimpse.min_remain_num if glimpse else 1,
         )
         config = model.config
+        self.architecture = architecture_of(config)
         self.text_config = getattr(config, "text_config", config)
         self.image_token_id = config.image_token_id
         self.merge_unit = config.vision_config.spatial_merge_size**2
@@ -159,9 +166,8 @@ class GlimpseEngine:
         max_pixels: int | None = None,
         selection: SelectionOptions | None = None,
     ) -> GlimpseEngine:
-        """Loads a Qwen2.5-VL checkpoint (hub id or local directory) and, optionally, glimpse modules."""
-        from transformers import Qwen2_5_VLForConditionalGeneration
-
+        """Loads a checkpoint of a supported family (hub id or local directory) and, optionally,
+        glimpse modules."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         if attn_implementation == "flash_attention_2" and dtype == "float32":
@@ -169,9 +175,9 @@ class GlimpseEngine:
                 "attn_implementation='flash_attention_2' does not run in dtype='float32' (flash-attn takes "
                 "float16 or bfloat16 only): load with dtype='bfloat16' or 'float16', or attn_implementation='sdpa'"
             )
-        loaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            model, dtype=DTYPES[dtype], attn_implementation=attn_implementation, use_safetensors=True
-        ).to(device)
+        loaded = architecture_of_checkpoint(model).load(
+            model, dtype=DTYPES[dtype], attn_implementation=attn_implementation, device=device
+        )
         modules = GlimpseModules.load(glimpse, loaded.config) if glimpse is not None else None
         prompts = PromptBuilder.from_pretrained(model, loaded.config, min_pixels=min_pixels, max_pixels=max_pixels)
         return cls(loaded, prompts, modules, selection)
@@ -330,11 +336,11 @@ class GlimpseEngine:
         if prune:
             embeds, positions, valid, image = self._with_glimpse(embeds, positions, valid, image)
         cache, reads = PrunableKVCache(len(self.language_model.layers)), [] if prune else None
-        hidden = self._run_layers(early, embeds, positions, valid, cache, reads)
+        deepstack = inputs.vision.deepstack
+        hidden = self._run_layers(early, embeds, positions, valid, cache, reads, deepstack=(image, deepstack))
         grids = inputs.grid.tolist()
-        return _Early(
-            hidden, positions, valid, image, cache, reads, inputs.vision.selected, grids, [(0, 1)] * len(prompts)
-        )
+        sharing = [(0, 1)] * len(prompts)
+        return _Early(hidden, positions, valid, image, cache, reads, inputs.vision.selected, grids, sharing, deepstack)
 
     def _early_shared(self, prompts: list[PreparedPrompt], shared: SharedPrefixes, early: range, prune: bool) -> _Early:
         """The early layers with each shared prefix run once: the vision tower and the prefix's keys
@@ -345,7 +351,9 @@ class GlimpseEngine:
         head = decoder_inputs(self.model, heads, self.pad_token_id, self._vision_blocks(prune))
         self.images_encoded += head.grid.shape[0]
         head_cache = PrunableKVCache(len(self.language_model.layers))
-        head_hidden = self._run_layers(early, head.embeds, head.positions, head.valid, head_cache)
+        head_hidden = self._run_layers(
+            early, head.embeds, head.positions, head.valid, head_cache, deepstack=(head.image, head.vision.deepstack)
+        )
 
         of_row = torch.tensor(shared.of_row, device=self.device)
         tails = [len(p.input_ids) - shared.lengths[u] for p, u in zip(prompts, shared.of_row)]
@@ -376,8 +384,9 @@ class GlimpseEngine:
         starts = [sum(per_prefix[:u]) for u in range(len(per_prefix))]
         tokens = torch.cat([torch.arange(starts[u], starts[u] + per_prefix[u]) for u in shared.of_row]).to(self.device)
         selected = [features.index_select(0, tokens) for features in head.vision.selected]
+        deepstack = [features.index_select(0, tokens) for features in head.vision.deepstack]
         grids = [g for p in prompts for g in p.image_grid_thw.tolist()]
-        return _Early(hidden, positions, valid, image, cache, reads, selected, grids, shared.sharing())
+        return _Early(hidden, positions, valid, image, cache, reads, selected, grids, shared.sharing(), deepstack)
 
     def _vision_blocks(self, prune: bool) -> list[int]:
         """The vision blocks the VIP is conditioned on: kept from the tower's run when pruning."""
@@ -400,7 +409,7 @@ class GlimpseEngine:
         logits = self.modules.attn_fuser(
             feats[state.image].to(self.modules.attn_fuser.attn_in_proj.weight.dtype),
             state.selected,
-            [(int(h) // 2, int(w) // 2) for _, h, w in state.grids],
+            self.architecture.vip_grid(state.grids, self.modules.config.spatial_merge_size),
         )
         kept = [select_tokens(row, self.selection) for row in logits.split(state.image.sum(1).tolist())]
 
@@ -414,13 +423,21 @@ class GlimpseEngine:
         hidden = state.hidden.gather(1, index[:, :, None].expand(-1, -1, state.hidden.shape[-1]))
         positions = state.positions.gather(2, index[None].expand(3, -1, -1))
         late = range(early.stop, len(self.language_model.layers))
-        hidden = self._run_layers(late, hidden, positions, valid, cache, add_glimpse=False)
+        # DeepStack features still to be added after the pruning layer go with their kept tokens.
+        image = state.image.gather(1, index) & valid
+        deepstack = [features[torch.cat(kept)] for features in state.deepstack]
+        hidden = self._run_layers(
+            late, hidden, positions, valid, cache, add_glimpse=False, deepstack=(image, deepstack)
+        )
         return self._finish_prefill(hidden, positions, valid, cache, kept, state.sharing)
 
-    def _run_layers(self, indices, hidden, positions, valid, cache, reads=None, add_glimpse=True):
+    def _run_layers(self, indices, hidden, positions, valid, cache, reads=None, add_glimpse=True, deepstack=None):
         """Runs decoder layers `indices` over the whole sequence. With `reads`, appends the glimpse
         token's attention logits [B, heads, T] at each selected layer; with glimpse modules loaded and
-        `add_glimpse`, adds g_l to the last (glimpse) position before each layer l > 0 in le_layers."""
+        `add_glimpse`, adds g_l to the last (glimpse) position before each layer l > 0 in le_layers.
+        `deepstack` = (image [B, T], features): after layer i, features[i] are added at the image
+        positions, for each i that has features."""
+        image, features = deepstack or (None, [])
         rotary = self.language_model.rotary_emb(hidden, positions)
         mask = attention_mask(valid, hidden.shape[1], self.attn_implementation, hidden.dtype)
         selected = self.modules.config.selected_layers if reads is not None else ()
@@ -430,10 +447,12 @@ class GlimpseEngine:
             layer = self.language_model.layers[i]
             if add_glimpse and reads is not None and i > 0 and i in self.glimpse_embeddings:
                 hidden[:, -1] += self.glimpse_embeddings[i]
-            query = glimpse_query(layer, hidden, rotary, last) if i in selected else None
+            query = self.architecture.glimpse_query(layer, hidden, rotary, last) if i in selected else None
             hidden = _layer_output(
                 layer(hidden, attention_mask=mask, position_embeddings=rotary, past_key_values=cache)
             )
+            if i < len(features):
+                hidden = add_deepstack(hidden, image, features[i])
             if query is not None:
                 reads.append(glimpse_logits(layer, query, cache.layer(i)[0], valid, use_logits))
         return hidden

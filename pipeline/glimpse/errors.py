@@ -15,3 +15,7 @@ class ModuleMismatchError(GlimpseError):
 
 class RequestError(GlimpseError):
     """A request cannot be answered as given (no images, unreadable image, bad options)."""
+
+
+class UnsupportedModelError(GlimpseError):
+    """The checkpoint is of a model family no architecture adapter covers."""

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.glimpse.architectures import architecture_of
 from pipeline.glimpse.prompts import PreparedPrompt
-from pipeline.glimpse.vision import VisionFeatures, encode_images
+from pipeline.glimpse.vision import VisionFeatures
 
 
 @dataclass
@@ -27,9 +28,9 @@ class DecoderInputs:
 
 def decoder_inputs(model, prompts: list[PreparedPrompt], pad_token_id: int, blocks: list[int]) -> DecoderInputs:
     """Left-pads `prompts`, runs the vision tower (keeping `blocks` for the VIP) and scatters its
-    features into the text embeddings of `model` (a Qwen2.5-VL ForConditionalGeneration)."""
+    features into the text embeddings of `model` (a supported ForConditionalGeneration)."""
     tokens = token_inputs(model, prompts, pad_token_id)
-    vision = encode_images(
+    vision = architecture_of(model.config).encode_images(
         model.model.visual, torch.cat([p.pixel_values for p in prompts]).to(model.device), tokens.grid, blocks
     )
     if int(tokens.image.sum()) != vision.merged.shape[0]:
@@ -51,7 +52,7 @@ class TokenInputs:
 
 
 def token_inputs(model, prompts: list[PreparedPrompt], pad_token_id: int) -> TokenInputs:
-    """The prompts' ids left-padded, and their M-RoPE positions (which need the image grids, not the
+    """The prompts' ids left-padded, and their rope positions (which need the image grids, not the
     images): what the decoder sees besides the image features."""
     device = model.device
     length = max(len(p.input_ids) for p in prompts)
@@ -63,8 +64,12 @@ def token_inputs(model, prompts: list[PreparedPrompt], pad_token_id: int) -> Tok
     ids, valid = ids.to(device), valid.to(device)
     image = (ids == model.config.image_token_id) & valid
     grid = torch.cat([p.image_grid_thw for p in prompts]).to(device)
-    # transformers 5.x needs mm_token_type_ids for M-RoPE; without it positions are silently 1-D.
-    positions, _ = model.model.get_rope_index(
-        ids, mm_token_type_ids=image.int(), image_grid_thw=grid, attention_mask=valid.long()
-    )
+    positions = architecture_of(model.config).positions(model, ids, image, grid, valid)
     return TokenInputs(ids, valid, image, positions, grid)
+
+
+def add_deepstack(hidden: torch.Tensor, image: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """`hidden` [B, T, H] with `features` [N, H] added at the N image positions of `image` [B, T]
+    (row-major), as Qwen3-VL's DeepStack does after its first decoder layers. Out of place, so
+    training's autograd sees it."""
+    return hidden.index_put(tuple(image.nonzero().T), features.to(hidden.dtype), accumulate=True)

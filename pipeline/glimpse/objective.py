@@ -26,12 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.glimpse.architectures import architecture_of, architecture_of_checkpoint
 from pipeline.glimpse.cache import PrunableKVCache
-from pipeline.glimpse.inputs import decoder_inputs
+from pipeline.glimpse.inputs import add_deepstack, decoder_inputs
 from pipeline.glimpse.masks import attention_mask
 from pipeline.glimpse.modules import GlimpseModules
 from pipeline.glimpse.prompts import ANSWER_STARTS, PreparedPrompt, TrainingPrompt
-from pipeline.glimpse.readout import glimpse_logits, glimpse_query
+from pipeline.glimpse.readout import glimpse_logits
 
 DICE_EPSILON = 1e-6
 
@@ -116,6 +117,7 @@ class GlimpseObjective(nn.Module):
             zero = sum(p.sum() for p in self.glimpse.parameters()) * 0.0
             return ObjectiveOutput(zero, zero, zero, [], [])
         model, config = self.base.model, self.glimpse.config
+        architecture = architecture_of(model.config)
         _require_one_image(examples)
         language_model = model.model.language_model
         # The glimpse token goes where the answer turn starts; the answer moves one column right.
@@ -135,21 +137,23 @@ class GlimpseObjective(nn.Module):
         mask = attention_mask(inputs.valid, width, language_model.config._attn_implementation or "sdpa", hidden.dtype)
         visible = inputs.valid & (torch.arange(width, device=rows.device)[None] <= column[:, None])
         cache = PrunableKVCache(len(language_model.layers))
-        reads = []
+        reads, deepstack = [], inputs.vision.deepstack
         for i in range(last_layer + 1):
             layer = language_model.layers[i]
             if i > 0 and i in embeddings:
                 hidden = hidden.index_put((rows, column), embeddings[i].expand(batch, -1), accumulate=True)
-            query = glimpse_query(layer, hidden, rotary, column) if i in config.selected_layers else None
+            read = i in config.selected_layers
+            query = architecture.glimpse_query(layer, hidden, rotary, column) if read else None
             output = layer(hidden, attention_mask=mask, position_embeddings=rotary, past_key_values=cache)
             hidden = output[0] if isinstance(output, tuple) else output
+            if i < len(deepstack):
+                hidden = add_deepstack(hidden, inputs.image, deepstack[i])
             if query is not None:
                 reads.append(glimpse_logits(layer, query, cache.layer(i)[0], visible, config.use_attention_logits))
 
         vip = self.glimpse.attn_fuser
         feats = torch.stack(reads, dim=2).flatten(2)[inputs.image]  # (N, layers·heads), layer-major
-        merge = config.spatial_merge_size
-        grid_hw = [(int(h) // merge, int(w) // merge) for _, h, w in inputs.grid.tolist()]
+        grid_hw = architecture.vip_grid(inputs.grid.tolist(), config.spatial_merge_size)
         outputs = vip.supervised_outputs(
             feats.to(vip.attn_in_proj.weight.dtype),
             [v.to(vip.attn_in_proj.weight.dtype) for v in inputs.vision.selected],
@@ -253,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
 
-    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoConfig
 
     from pipeline.glimpse.prompts import PromptBuilder
 
@@ -262,8 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         examples = load_examples(args.cases, args.root or args.cases.parent, prompts, args.answer_start)
     except (ValueError, OSError) as e:
         parser.exit(2, f"error: {e}\n")
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        args.model, dtype=torch.float32, attn_implementation="sdpa", use_safetensors=True
+    model = architecture_of_checkpoint(args.model).load(
+        args.model, dtype=torch.float32, attn_implementation="sdpa", device="cpu"
     )
     modules = GlimpseModules.load(args.glimpse, model.config)
     objective = GlimpseObjective(model, modules, prompts.tokenizer.pad_token_id or 0).eval()

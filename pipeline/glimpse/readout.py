@@ -12,12 +12,14 @@ import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb, repeat_kv
 
 
-def glimpse_query(layer, hidden: torch.Tensor, rotary, column: torch.Tensor) -> torch.Tensor:
-    """The query of the token at `column` [B] of each row at `layer`, after RoPE: [B, heads, 1, head_dim]."""
+def glimpse_query(layer, hidden: torch.Tensor, rotary, column: torch.Tensor, normed: bool = False) -> torch.Tensor:
+    """The query of the token at `column` [B] of each row at `layer`, after RoPE: [B, heads, 1, head_dim].
+    `normed`: the layer normalises each head's query (`q_norm`) before RoPE, as Qwen3's do."""
     attn = layer.self_attn
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     x = layer.input_layernorm(hidden[rows, column][:, None])
-    query = attn.q_proj(x).view(x.shape[0], 1, -1, attn.head_dim).transpose(1, 2)
+    query = attn.q_proj(x).view(x.shape[0], 1, -1, attn.head_dim)
+    query = (attn.q_norm(query) if normed else query).transpose(1, 2)
     cos, sin = (r[rows, column][:, None] for r in rotary)
     return apply_rotary_pos_emb(query, query, cos, sin)[0]
 

@@ -25,7 +25,7 @@ class TrainConfig(Options):
     id_column: str = Field("id", description="dataset column holding the id; absent: the row index")
     output: str = Field(..., description="where checkpoints/, glimpse/ and _train_summary.json go (local or URI)")
 
-    model: str = Field(..., description="Qwen2.5-VL checkpoint: hub id, directory or s3:// prefix")
+    model: str = Field(..., description="Qwen2.5-VL or Qwen3-VL checkpoint: hub id, directory or s3:// prefix")
     model_revision: str | None = Field(None, description="hub revision of the model: branch, tag or commit")
     init_glimpse: str | None = Field(None, description="start from these modules (hub id, directory or s3://)")
     fresh: bool = Field(False, description="start from freshly initialised modules, shaped for the model")

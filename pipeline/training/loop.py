@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.glimpse.architectures import architecture_of_checkpoint
 from pipeline.glimpse.config import GlimpseConfig
 from pipeline.glimpse.modules import GlimpseModules
 from pipeline.glimpse.objective import GlimpseObjective, LossWeights, ObjectiveOutput
@@ -192,15 +193,13 @@ def train_worker(setup: dict) -> None:
 
 def _base_model(checkpoint, config: TrainConfig, device):
     """The frozen base model on `device`, and its tokenizer's padding id."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     directory = checkpoint.local_dir(config.storage)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+    model = architecture_of_checkpoint(directory).load(
         directory,
         dtype=DTYPES[config.model_dtype(device.type == "cuda")],
         attn_implementation=config.attn,
-        use_safetensors=True,
-    ).to(device)
+        device=device,
+    )
     return model, PromptBuilder.from_pretrained(directory, model.config).tokenizer.pad_token_id or 0
 
 

@@ -24,6 +24,7 @@ import pyarrow as pa
 
 from pipeline.checkpoints import Checkpoint, resolve_checkpoint
 from pipeline.cluster import shortfall, started_locally
+from pipeline.glimpse.architectures import architecture_of
 from pipeline.glimpse.config import GlimpseConfig
 from pipeline.glimpse.modules import check_fits
 from pipeline.storage import filesystem_for, protocol_of, pyarrow_filesystem
@@ -72,6 +73,7 @@ def check(config: TrainConfig) -> Checked:
     rows = training_rows(config.manifest, config.dataset, config.storage, config.id_column, config.image_column)
     model = resolve_checkpoint(config.model, config.model_revision, config.storage, role="model")
     model_config = AutoConfig.from_pretrained(model.local_dir(config.storage))
+    architecture_of(model_config)  # a family the engine has no adapter for is refused here
     init = None
     if config.init_glimpse:
         init = resolve_checkpoint(config.init_glimpse, None, config.storage, role="glimpse")
