@@ -1,9 +1,9 @@
-"""Writes a tiny random-weight Qwen2.5-VL checkpoint (and glimpse modules) for tests and the demo.
+"""Writes a tiny random-weight Qwen2.5-VL or Qwen3-VL checkpoint (and glimpse modules) for tests and the demo.
 
 No download is possible where this project is tested, so the tokenizer is trained here on a small
 built-in text, and weights are random but seeded: the text is meaningless, the arithmetic is real.
 
-    python -m pipeline.synthetic.tiny --out DIR [--seed N] [--no-glimpse]
+    python -m pipeline.synthetic.tiny --out DIR [--architecture qwen3_vl] [--seed N] [--no-glimpse]
 
 writes DIR/base (the Hugging Face layout) and DIR/glimpse (the published module format). For the
 default spec, DIR/glimpse holds the trained modules shipped in `pipeline/samples/tiny-glimpse`
@@ -70,6 +70,12 @@ class TinySpec:
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False
     seed: int = 0
+    architecture: str = "qwen2_5_vl"  # or "qwen3_vl"
+    # Qwen3-VL only: the vision blocks whose merged outputs DeepStack adds after decoder layers
+    # 0, 1, …; None: the first three blocks (all of them in a shorter tower)
+    deepstack_blocks: tuple[int, ...] | None = None
+    head_dim: int | None = None  # Qwen3-VL only; None: hidden / heads
+    position_embeddings: int = 64  # Qwen3-VL only: the learned position grid (a square: 8 × 8)
 
 
 def build_tokenizer(vocab_size: int):
@@ -97,8 +103,16 @@ def build_tokenizer(vocab_size: int):
     return wrapped
 
 
+PATCH_SIZE = {"qwen2_5_vl": 14, "qwen3_vl": 16}
+SPECIAL_IDS = dict(image_token_id=5, video_token_id=6, vision_start_token_id=3, vision_end_token_id=4)
+
+
 def build_config(spec: TinySpec, vocab_size: int):
-    """A Qwen2.5-VL config of `spec`'s sizes, with the special token ids of `build_tokenizer`."""
+    """A config of `spec`'s family and sizes, with the special token ids of `build_tokenizer`."""
+    if spec.architecture == "qwen3_vl":
+        return _qwen3_vl_config(spec, vocab_size)
+    if spec.architecture != "qwen2_5_vl":
+        raise ValueError(f"architecture must be one of {sorted(PATCH_SIZE)}, not {spec.architecture!r}")
     from transformers import Qwen2_5_VLConfig
 
     half = spec.hidden // spec.heads // 2
@@ -138,10 +152,7 @@ def build_config(spec: TinySpec, vocab_size: int):
             fullatt_block_indexes=list(spec.full_attention_blocks or [1, spec.vision_depth - 1]),
             in_channels=3,
         ),
-        image_token_id=5,
-        video_token_id=6,
-        vision_start_token_id=3,
-        vision_end_token_id=4,
+        **SPECIAL_IDS,
         bos_token_id=0,
         eos_token_id=2,
         pad_token_id=0,
@@ -149,15 +160,67 @@ def build_config(spec: TinySpec, vocab_size: int):
     )
 
 
+def _qwen3_vl_config(spec: TinySpec, vocab_size: int):
+    """Qwen3-VL: interleaved M-RoPE over (t, h, w) sections of the rotary half-dim (Qwen3-VL's
+    own split is 24, 20, 20 of 64), 16-pixel patches, DeepStack from `spec.deepstack_blocks`."""
+    from transformers import Qwen3VLConfig
+
+    head_dim = spec.head_dim or spec.hidden // spec.heads
+    half = head_dim // 2
+    h = w = 5 * half // 16
+    deepstack = spec.deepstack_blocks or tuple(range(min(3, spec.vision_depth)))
+    return Qwen3VLConfig(
+        text_config=dict(
+            vocab_size=max(vocab_size, spec.embedding_rows),
+            hidden_size=spec.hidden,
+            intermediate_size=spec.intermediate or 2 * spec.hidden,
+            num_hidden_layers=spec.layers,
+            num_attention_heads=spec.heads,
+            num_key_value_heads=spec.kv_heads,
+            head_dim=head_dim,
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-6,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": spec.rope_theta,
+                "mrope_section": [half - h - w, h, w],
+                "mrope_interleaved": True,
+            },
+            bos_token_id=0,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+        vision_config=dict(
+            depth=spec.vision_depth,
+            hidden_size=spec.vision_hidden,
+            intermediate_size=spec.vision_intermediate or 2 * spec.vision_hidden,
+            num_heads=spec.vision_heads,
+            out_hidden_size=spec.hidden,
+            patch_size=PATCH_SIZE["qwen3_vl"],
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            num_position_embeddings=spec.position_embeddings,
+            deepstack_visual_indexes=list(deepstack),
+            in_channels=3,
+        ),
+        **SPECIAL_IDS,
+        tie_word_embeddings=spec.tie_word_embeddings,
+    )
+
+
 def build_model(spec: TinySpec, vocab_size: int, dtype=None, device=None, attn_implementation: str = "sdpa"):
     """Random seeded weights of `spec`'s shape, made directly on `device` in `dtype`."""
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
 
+    from pipeline.glimpse.architectures import ARCHITECTURES
+
+    config = build_config(spec, vocab_size)
     torch.manual_seed(spec.seed)
     with torch.device(device or "cpu"):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(
-            build_config(spec, vocab_size), dtype=dtype or torch.float32, attn_implementation=attn_implementation
+        model = (
+            ARCHITECTURES[spec.architecture]
+            .model_class()
+            ._from_config(config, dtype=dtype or torch.float32, attn_implementation=attn_implementation)
         )
     model.generation_config.eos_token_id = 2
     model.generation_config.pad_token_id = 0
@@ -194,17 +257,23 @@ def build_glimpse_modules(
     return modules
 
 
-def build_image_processor(max_pixels: int):
-    """Qwen2.5-VL's image processor settings (14-pixel patches merged 2×2), up to `max_pixels`."""
+def build_image_processor(max_pixels: int, architecture: str = "qwen2_5_vl"):
+    """The family's image processor settings (Qwen2.5-VL: 14-pixel patches and CLIP's mean and
+    std; Qwen3-VL: 16-pixel patches, mean and std 0.5), patches merged 2×2, from 4 merged tokens
+    up to `max_pixels`."""
     from pipeline.glimpse.prompts import pil_image_processor_class
 
+    patch = PATCH_SIZE[architecture]
+    least = 4 * (2 * patch) ** 2
+    normalisation = {} if architecture == "qwen2_5_vl" else dict(image_mean=[0.5] * 3, image_std=[0.5] * 3)
     return pil_image_processor_class()(
-        min_pixels=3136,
+        min_pixels=least,
         max_pixels=max_pixels,
-        size={"shortest_edge": 3136, "longest_edge": max_pixels},
-        patch_size=14,
+        size={"shortest_edge": least, "longest_edge": max_pixels},
+        patch_size=patch,
         merge_size=2,
         temporal_patch_size=2,
+        **normalisation,
     )
 
 
@@ -237,7 +306,7 @@ def write_tiny_checkpoint(out: str | Path, spec: TinySpec = TinySpec(), with_gli
     model = build_model(spec, len(tokenizer))
     model.save_pretrained(base, safe_serialization=True)
     tokenizer.save_pretrained(base)
-    build_image_processor(max_pixels=200704).save_pretrained(base)
+    build_image_processor(max_pixels=200704, architecture=spec.architecture).save_pretrained(base)
     if with_glimpse:
         trained = trained_modules_for(base) if spec == TinySpec() else None
         if trained is not None:
@@ -288,10 +357,14 @@ def _current(out: Path, spec: TinySpec) -> bool:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.synthetic.tiny", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="directory to write base/ and glimpse/ into")
+    parser.add_argument(
+        "--architecture", choices=sorted(PATCH_SIZE), default="qwen2_5_vl", help="the model family (default qwen2_5_vl)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--no-glimpse", action="store_true", help="write the base checkpoint only")
     args = parser.parse_args(argv)
-    path = write_tiny_checkpoint(args.out, TinySpec(seed=args.seed), with_glimpse=not args.no_glimpse)
+    spec = TinySpec(seed=args.seed, architecture=args.architecture)
+    path = write_tiny_checkpoint(args.out, spec, with_glimpse=not args.no_glimpse)
     print(f"tiny checkpoint written to {path}")
 
 
