@@ -65,6 +65,15 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), TinySpec(layers=3, kv_heads=1, seed=7))
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen3_checkpoint(tmp_path_factory) -> Path:
+    """A tiny Qwen3-VL checkpoint (DeepStack after decoder layers 0-2) with random glimpse modules
+    that prune after layer 2."""
+    from pipeline.synthetic.tiny import TinySpec, write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen3"), TinySpec(architecture="qwen3_vl", seed=3))
+
+
 @pytest.fixture(scope="module")
 def s3():
     """Moto's S3 server on 127.0.0.1 for a test module; yields (storage options, s3fs filesystem).
