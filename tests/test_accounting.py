@@ -22,12 +22,14 @@ ATTENTION = "eager"
 
 
 @pytest.fixture(scope="module")
-def counted_engines(tiny_checkpoint):
+def counted_engines(tiny_checkpoint, tiny_qwen3_checkpoint):
+    def tiny(path):
+        return GlimpseEngine.from_pretrained(path / "base", path / "glimpse", attn_implementation=ATTENTION)
+
     return {
-        "fixture": GlimpseEngine.from_pretrained(FIXTURE / "base", FIXTURE / "glimpse", attn_implementation=ATTENTION),
-        "tiny": GlimpseEngine.from_pretrained(
-            tiny_checkpoint / "base", tiny_checkpoint / "glimpse", attn_implementation=ATTENTION
-        ),
+        "fixture": tiny(FIXTURE),
+        "tiny": tiny(tiny_checkpoint),
+        "qwen3": tiny(tiny_qwen3_checkpoint),
     }
 
 
@@ -40,7 +42,7 @@ def counted_flops(engine, request, prune):
 
 @pytest.mark.parametrize("prune", [True, False])
 @pytest.mark.parametrize("max_new_tokens", [1, 9])
-@pytest.mark.parametrize("engine_name", ["fixture", "tiny"])
+@pytest.mark.parametrize("engine_name", ["fixture", "tiny", "qwen3"])
 def test_flops_formula_matches_flop_counter(counted_engines, engine_name, max_new_tokens, prune):
     engine = counted_engines[engine_name]
     requests = fixture_requests(max_new_tokens) if engine_name == "fixture" else mixed_requests()
