@@ -66,7 +66,8 @@ class JobConfig(Options):
     output: str = Field("out", description="output directory (local or URI) for Parquet and _summary.json")
 
     model: str | None = Field(
-        None, description="Qwen2.5-VL checkpoint: hub id, directory or s3:// prefix; none: the tiny demo model"
+        None,
+        description="Qwen2.5-VL or Qwen3-VL checkpoint: hub id, directory or s3:// prefix; none: the tiny demo model",
     )
     model_revision: str | None = Field(None, description="hub revision of the model: branch, tag or commit")
     glimpse: str | None = Field(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-SPATIAL_MERGE = 2  # Qwen2.5-VL merges 2×2 patches into one visual token
+SPATIAL_MERGE = 2  # Qwen2.5-VL and Qwen3-VL both merge 2×2 patches into one visual token
 
 
 def pack(mask: list[int]) -> bytes:

@@ -294,6 +294,7 @@ def test_the_job_trains_qwen3_vl_modules_that_the_engine_loads_and_prunes_with(
     (result,) = engine.generate([request], emit_masks=True)
     # A 224-pixel image is 7 × 7 visual tokens of 32 pixels (16-pixel patches merged 2 × 2).
     assert result.pruned and len(result.kept_mask) == result.n_visual_tokens == 49
+    print("KEPT", sum(result.kept_mask), result.text)  # TEMP
     assert 1 <= sum(result.kept_mask) < 49 and result.image_grid_thw == [[1, 14, 14]]
 
 

@@ -1,8 +1,9 @@
-"""Real-size Qwen2.5-VL shapes with random weights, for benchmarks where no checkpoint can be
-downloaded: the arithmetic, memory and timings of the real model, meaningless text.
+"""Real-size Qwen2.5-VL and Qwen3-VL shapes with random weights, for benchmarks where no checkpoint
+can be downloaded: the arithmetic, memory and timings of the real model, meaningless text.
 
 Sizes are those of the published configs; the glimpse modules use the published GlimpsePrune
-settings for that model (pruning layer, VIP vision blocks, VIP widths).
+settings for that model (pruning layer, VIP vision blocks, VIP widths), or the recipe's defaults
+where none are published (Qwen3-VL).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.synthetic.tiny import TinySpec, build_glimpse_modules, build_model
+from pipeline.training.recipe import default_layer, default_vision_blocks
 
 
 @dataclass(frozen=True)
@@ -17,6 +19,7 @@ class Preset:
     spec: TinySpec
     reduce_layer: int
     selected_visual_layers: list[int]
+    max_pixels: int = 12845056  # the image processor's limit: Qwen2.5-VL's 12845056, Qwen3-VL's 16777216
 
 
 # Both sizes share Qwen2.5-VL's vision tower.
@@ -58,6 +61,33 @@ PRESETS = {
         reduce_layer=23,
         selected_visual_layers=[31, 23, 15, 7],
     ),
+    # Qwen3-VL-8B-Instruct: 16-pixel patches, a 27-block full-attention tower with learned
+    # position embeddings (48 × 48), DeepStack from vision blocks 8, 16, 24, q/k norms, untied
+    # embeddings. No GlimpsePrune modules are published for Qwen3-VL: the recipe's defaults
+    # (pruning at layer round(36 · 9/14) = 23, VIP on vision blocks 26, 19, 13, 6) at the
+    # published VIP widths (fuse 256, cond 512).
+    "qwen3-vl-8b": Preset(
+        TinySpec(
+            architecture="qwen3_vl",
+            layers=36,
+            hidden=4096,
+            heads=32,
+            kv_heads=8,
+            head_dim=128,
+            intermediate=12288,
+            vision_depth=27,
+            vision_hidden=1152,
+            vision_heads=16,
+            vision_intermediate=4304,
+            position_embeddings=2304,
+            deepstack_blocks=(8, 16, 24),
+            embedding_rows=151936,
+            rope_theta=5e6,
+        ),
+        reduce_layer=default_layer(36, 4096),
+        selected_visual_layers=default_vision_blocks(27),
+        max_pixels=16777216,
+    ),
 }
 
 
@@ -86,8 +116,13 @@ def build_engine(name: str, *, dtype, device, attn_implementation: str = "sdpa",
         fuse_size=256,
         cond_size=512,
     )
-    # Qwen's own limit, 12845056 pixels: a 1280×960 image keeps its size.
-    prompts = PromptBuilder(tokenizer, build_image_processor(12845056), model.config.image_token_id, 2)
+    # The family's own pixel limit: a 1280×960 image keeps its size (rounded to whole merged cells).
+    prompts = PromptBuilder(
+        tokenizer,
+        build_image_processor(preset.max_pixels, architecture=spec.architecture),
+        model.config.image_token_id,
+        model.config.vision_config.spatial_merge_size,
+    )
     return GlimpseEngine(model, prompts, modules)
 
 

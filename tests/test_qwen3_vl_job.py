@@ -1,0 +1,95 @@
+"""A Qwen3-VL model through the whole product on local Ray and moto's S3: the model read from an
+s3:// prefix, glimpse modules trained for it by the training job, the VQA job over images on S3,
+Parquet rows written to S3 and read back, with the costs of Qwen3-VL's own cost model."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from transformers import AutoConfig
+
+from pipeline.config import JobConfig
+from pipeline.glimpse.accounting import CostModel
+from pipeline.glimpse.config import GlimpseConfig
+from pipeline.job import run as run_vqa
+from pipeline.keep_masks import unpack
+from pipeline.storage import pyarrow_filesystem
+from pipeline.summary import SUMMARY_FILE
+from pipeline.synthetic.grounding import write_dataset
+from pipeline.training.config import TrainConfig
+from pipeline.training.run import check, run
+from tests.conftest import new_bucket
+
+
+@pytest.fixture(scope="module")
+def on_s3(s3, tiny_qwen3_checkpoint, tmp_path_factory):
+    """The tiny Qwen3-VL base under an s3:// prefix, and a grounding set whose manifest and images
+    are on S3."""
+    storage, fs = s3
+    bucket = new_bucket(fs)
+    fs.put(str(tiny_qwen3_checkpoint / "base"), f"{bucket}/models/qwen3-tiny", recursive=True)
+    local = write_dataset(tmp_path_factory.mktemp("grounding"), n=8, seed=4)
+    lines = []
+    for line in local.read_text().splitlines():
+        row = json.loads(line)
+        fs.put(row["image"], f"{bucket}/images/{row['id']}.png")
+        lines.append(json.dumps(row | {"image": f"s3://{bucket}/images/{row['id']}.png"}))
+    fs.pipe(f"{bucket}/manifest.jsonl", ("\n".join(lines) + "\n").encode())
+    return storage, fs, bucket
+
+
+def test_a_qwen3_vl_model_trains_its_modules_and_answers_a_job_on_s3(on_s3, tiny_qwen3_checkpoint, ray_session):
+    storage, fs, bucket = on_s3
+    local_manifest = fs.cat_file(f"{bucket}/manifest.jsonl").decode()
+    model = f"s3://{bucket}/models/qwen3-tiny"
+    manifest = f"s3://{bucket}/manifest.jsonl"
+    trained = TrainConfig.validated(
+        dict(
+            manifest=manifest,
+            model=model,
+            output=f"s3://{bucket}/train",
+            storage=storage,
+            fresh=True,
+            fuse_size=32,
+            cond_size=32,
+            batch_size=2,
+            grad_accum=1,
+            steps=2,
+        )
+    )
+    assert run(trained, check(trained))["steps"] == 2
+    modules = GlimpseConfig.from_dict(json.loads(fs.cat_file(f"{bucket}/train/glimpse/config.json")))
+    assert modules.raw["model_type"] == "qwen3_vl"
+
+    config = JobConfig.validated(
+        dict(
+            manifest=manifest,
+            model=model,
+            glimpse=f"s3://{bucket}/train/glimpse",
+            output=f"s3://{bucket}/answers",
+            storage=storage,
+            max_new_tokens=3,
+            batch_size=4,
+            keep_masks=True,
+        )
+    )
+    summary = run_vqa(config)
+    assert summary.rows == summary.rows_ok == 8
+
+    pafs, path = pyarrow_filesystem(config.output, storage)
+    rows = pq.read_table(path, filesystem=pafs).to_pylist()
+    assert sorted(r["id"] for r in rows) == sorted(json.loads(line)["id"] for line in local_manifest.splitlines())
+    costs = CostModel(AutoConfig.from_pretrained(tiny_qwen3_checkpoint / "base"), modules, dtype_bytes=4)
+    for row in rows:
+        assert row["error"] is None and row["pruned"], row
+        grid = [tuple(row["image_grid_thw"][i : i + 3]) for i in range(0, len(row["image_grid_thw"]), 3)]
+        assert grid == [(1, 14, 14)]  # 224 × 224 pixels in 16-pixel patches
+        (mask,) = unpack(row["kept_mask"], row["image_grid_thw"])
+        assert mask.size == row["n_visual_tokens"] == 49 and mask.sum() == row["n_visual_kept"]
+        expected = costs.row(grid, row["n_prompt_tokens"], row["n_prompt_tokens_kept"], row["n_generated_tokens"], True)
+        assert row["prefill_flops"] == pytest.approx(expected.prefill_flops, rel=1e-9)
+        assert row["prefill_flops_unpruned"] == pytest.approx(expected.prefill_flops_unpruned, rel=1e-9)
+        assert row["kv_cache_bytes"] == expected.kv_cache_bytes
+    assert json.loads(fs.cat_file(f"{bucket}/answers/{SUMMARY_FILE}"))["rows"] == 8
