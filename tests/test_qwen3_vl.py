@@ -39,7 +39,8 @@ def early_pruning(engine):
 
 
 def fixed_length(requests):
-    return [dataclasses.replace(r, sampling=SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)) for r in requests]
+    sampling = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    return [dataclasses.replace(r, sampling=sampling) for r in requests]
 
 
 def until_eos(tokens, eos):
