@@ -50,6 +50,13 @@ class Checkpoint:
             return _hub_snapshot(self.location, self.revision, name=self.location)
         return _fetch_remote(self, storage)
 
+    def read(self, name: str, storage: StorageOptions) -> bytes:
+        """One file of the checkpoint, without fetching the rest (the driver reads configs this way)."""
+        if self.kind not in ("local", "hub"):
+            fs, root = filesystem_for(self.location, storage)
+            return fs.cat_file(f"{root.rstrip('/')}/{name}")
+        return (self.local_dir(storage) / name).read_bytes()
+
     def lineage(self) -> dict:
         """What the output metadata records about where the checkpoint came from."""
         return {"location": self.location, "kind": self.kind, "revision": self.revision}

@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.checkpoints import Checkpoint, resolve_checkpoint
+from pipeline.checkpoints import Checkpoint, CheckpointError, resolve_checkpoint
 from pipeline.cluster import shortfall
 from pipeline.config import JobConfig
 
@@ -30,7 +30,38 @@ def locate(config: JobConfig) -> tuple[Checkpoint, Checkpoint | None]:
     glimpse = None
     if config.glimpse:
         glimpse = resolve_checkpoint(config.glimpse, config.glimpse_revision, config.storage, role="glimpse")
+    check_fit(config, model, glimpse)
     return model, glimpse
+
+
+def check_fit(config: JobConfig, model: Checkpoint, glimpse: Checkpoint | None) -> None:
+    """The model is of a family the engine has an adapter for, and the modules were built for it:
+    refused here, in one line, rather than by every actor. Reads the two configs only."""
+    import json
+    import tempfile
+
+    from transformers import AutoConfig
+
+    from pipeline.glimpse.architectures import architecture_of
+    from pipeline.glimpse.config import CONFIG_FILE, GlimpseConfig
+    from pipeline.glimpse.errors import GlimpseError
+    from pipeline.glimpse.modules import check_fits
+
+    with tempfile.TemporaryDirectory() as directory:
+        (Path(directory) / CONFIG_FILE).write_bytes(model.read(CONFIG_FILE, config.storage))
+        try:
+            model_config = AutoConfig.from_pretrained(directory)
+        except Exception as e:  # a model_type transformers does not know, a malformed config
+            raise CheckpointError(f"--model {config.model}: cannot read its {CONFIG_FILE}: {e}") from None
+    try:
+        architecture_of(model_config)
+    except GlimpseError as e:
+        raise CheckpointError(f"--model {config.model}: {e}") from None
+    if glimpse is not None:
+        try:
+            check_fits(GlimpseConfig.from_dict(json.loads(glimpse.read(CONFIG_FILE, config.storage))), model_config)
+        except (GlimpseError, ValueError) as e:
+            raise CheckpointError(f"--glimpse {config.glimpse}: {e}") from None
 
 
 @dataclass(frozen=True)

@@ -93,3 +93,34 @@ def test_a_qwen3_vl_model_trains_its_modules_and_answers_a_job_on_s3(on_s3, tiny
         assert row["prefill_flops_unpruned"] == pytest.approx(expected.prefill_flops_unpruned, rel=1e-9)
         assert row["kv_cache_bytes"] == expected.kv_cache_bytes
     assert json.loads(fs.cat_file(f"{bucket}/answers/{SUMMARY_FILE}"))["rows"] == 8
+
+
+@pytest.mark.parametrize(
+    "model_type, glimpse, message",
+    [
+        (None, "fixture", "--glimpse .*: glimpse modules do not fit the model: trained on a qwen2_5_vl model"),
+        ("llava", None, "--model .*: model_type 'llava' is not supported; supported: qwen2_5_vl, qwen3_vl"),
+    ],
+)
+def test_a_model_or_modules_the_engine_cannot_run_are_refused_before_ray(
+    tiny_qwen3_checkpoint, tmp_path, capsys, model_type, glimpse, message
+):
+    """One line and exit 2 from the driver, not a failure in every actor: the release's Qwen2.5-VL
+    modules on a Qwen3-VL model of the same sizes, and a family with no adapter."""
+    import re
+
+    from jobs.vqa import main
+    from tests.conftest import FIXTURE
+
+    base = tiny_qwen3_checkpoint / "base"
+    if model_type:  # a checkpoint of another family: its config, with transformers' defaults
+        base = tmp_path / "other"
+        base.mkdir()
+        (base / "config.json").write_text(json.dumps({"model_type": model_type}))
+    options = ["--model", str(base), "--output", str(tmp_path / "out")]
+    if glimpse:
+        options += ["--glimpse", str(FIXTURE / "glimpse")]
+    assert main(options) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0]), err
+    assert not (tmp_path / "out").exists()

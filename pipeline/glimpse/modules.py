@@ -230,7 +230,7 @@ def check_fits(config: GlimpseConfig, model_config) -> None:
     problems = []
     built_for = str(config.raw.get("model_type", "")).removesuffix("_gp")  # the release saves "qwen2_5_vl_gp"
     if built_for and built_for != model_config.model_type:
-        problems.append(f"they were trained on a {built_for} model, this is a {model_config.model_type} model")
+        problems.append(f"trained on a {built_for} model, this is a {model_config.model_type} model")
     for name, ours, theirs in (
         ("hidden_size", config.hidden_size, text.hidden_size),
         ("num_hidden_layers", config.num_hidden_layers, text.num_hidden_layers),
