@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.roofline import TEMPLATE_TOKENS, VISUAL
+from bench.roofline import GRID, TEMPLATE_TOKENS, VISUAL, image_grid
 from pipeline.glimpse.accounting import CostModel, share_seconds
 from pipeline.glimpse.engine import GlimpseEngine
 from pipeline.glimpse.roofline import H100_SXM, RequestShape, Roofliner
@@ -90,15 +90,43 @@ def test_share_seconds_splits_decode_among_running_rows():
     assert share_seconds(2.0, [1.0, 3.0], [1.0, 3.0]) == pytest.approx([0.5 + 0.5, 1.5 + 0.5 + 2.0])
 
 
-def test_parameter_count_equals_the_models(tiny_checkpoint):
-    from pipeline.synthetic.tiny import TinySpec, build_model
+@pytest.mark.parametrize("architecture", ["qwen2_5_vl", "qwen3_vl"])
+def test_parameter_count_equals_the_models(architecture):
+    from pipeline.glimpse.architectures import ARCHITECTURES
+    from pipeline.synthetic.tiny import TinySpec, build_config, build_model
 
-    for spec in (TinySpec(), TinySpec(tie_word_embeddings=True, kv_heads=1)):
+    specs = [
+        TinySpec(architecture=architecture),
+        TinySpec(architecture=architecture, tie_word_embeddings=True, kv_heads=1),
+    ]
+    if architecture == "qwen3_vl":  # head_dim apart from hidden / heads, DeepStack from two blocks
+        specs.append(TinySpec(architecture=architecture, head_dim=24, deepstack_blocks=(1, 3), position_embeddings=36))
+    for spec in specs:
         model = build_model(spec, 400)
-        assert CostModel(model.config, None, 4).parameters() == sum(p.numel() for p in model.parameters())
-    with torch.device("meta"):
-        big = build_model(PRESETS["qwen2.5-vl-7b"].spec, 400, device="meta")
-    assert CostModel(big.config, None, 2).parameters() == sum(p.numel() for p in big.parameters())
+        assert CostModel(model.config, None, 4).parameters() == sum(p.numel() for p in model.parameters()), spec
+    # Qwen3 projections get biases, o's included, with `attention_bias`; Qwen2.5's q, k, v always have them.
+    config = build_config(TinySpec(architecture=architecture), 400)
+    config.text_config.attention_bias = True
+    model = ARCHITECTURES[architecture].model_class()._from_config(config)
+    assert CostModel(config, None, 4).parameters() == sum(p.numel() for p in model.parameters())
+    for name, preset in PRESETS.items():
+        if preset.spec.architecture != architecture:
+            continue
+        with torch.device("meta"):
+            big = build_model(preset.spec, 400, device="meta")
+        assert CostModel(big.config, None, 2).parameters() == sum(p.numel() for p in big.parameters()), name
+
+
+def test_qwen3_vl_8b_preset_has_the_published_size():
+    """Qwen3-VL-8B-Instruct has 8.77B parameters (8,767,123,696 counted on the preset's meta-device
+    model, which the test above holds the cost model to)."""
+    costs = cost_model("qwen3-vl-8b")
+    assert costs.parameters() == pytest.approx(8.77e9, rel=0.01)
+    assert costs.parameters() == 8_767_123_696
+    assert costs.vision.params() == 576_388_336
+    assert costs.vip.reduce_layer == 23
+    assert image_grid("qwen3-vl-8b") == (1, 60, 80)  # 1280×960 in 16-pixel patches, whole 32-pixel cells
+    assert image_grid("qwen2.5-vl-7b") == GRID[0]
 
 
 def seven_b_roofline():

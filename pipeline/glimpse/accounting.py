@@ -39,7 +39,9 @@ class _Text:
     head_dim: int
     intermediate: int
     vocab: int
-    qkv_bias: bool  # Qwen2.5's q, k, v projections have biases; Qwen3's have none, and q/k norms instead
+    qkv_bias: bool  # Qwen2.5's q, k, v projections always have biases; Qwen3's as `attention_bias` says (none)
+    o_bias: bool  # Qwen3's o projection too, with `attention_bias`; Qwen2.5's never
+    qk_norm: bool  # Qwen3: an RMSNorm over each head's q and k (head_dim weights each)
 
     def layer(self, queries: int, keys: int) -> float:
         """One decoder layer: projections, attention (queries × keys) and the gated MLP."""
@@ -53,11 +55,11 @@ class _Text:
         return 2 * self.hidden * self.vocab
 
     def layer_params(self) -> int:
-        """Projections (q, k, v with biases in Qwen2.5, o without), q/k norms in Qwen3, the gated
-        MLP, two norms."""
+        """Projections (q, k, v with biases in Qwen2.5, o without; none in Qwen3), q/k norms in
+        Qwen3, the gated MLP, two norms."""
         q_out, kv_out = self.heads * self.head_dim, self.kv_heads * self.head_dim
         attention = self.hidden * (q_out + 2 * kv_out) + q_out * self.hidden
-        attention += (q_out + 2 * kv_out) if self.qkv_bias else 2 * self.head_dim
+        attention += (q_out + 2 * kv_out) * self.qkv_bias + self.hidden * self.o_bias + 2 * self.head_dim * self.qk_norm
         return attention + 3 * self.hidden * self.intermediate + 2 * self.hidden
 
 
@@ -95,6 +97,8 @@ class CostModel:
         text = getattr(model_config, "text_config", model_config)
         vision = model_config.vision_config
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        qwen3 = architecture_of(model_config).model_type == "qwen3_vl"
+        attention_bias = bool(getattr(text, "attention_bias", False))
         self.text = _Text(
             layers=text.num_hidden_layers,
             hidden=text.hidden_size,
@@ -103,7 +107,9 @@ class CostModel:
             head_dim=head_dim,
             intermediate=text.intermediate_size,
             vocab=text.vocab_size,
-            qkv_bias=getattr(text, "attention_bias", True),
+            qkv_bias=attention_bias if qwen3 else True,
+            o_bias=attention_bias and qwen3,
+            qk_norm=qwen3,
         )
         self.vision = architecture_of(model_config).vision_cost(vision)
         self.vip = (

@@ -108,5 +108,5 @@ class Roofliner:
         patches = rows * sum(t * h * w for t, h, w in shape.grid_thw)
         cache = tokens * costs.kv_bytes_per_token()
         decoder = tokens * (4 * text.hidden + 2 * text.kv_heads * text.head_dim + 3 * text.intermediate)
-        vision_block = patches * (6 * vision.hidden + 3 * vision.intermediate)
+        vision_block = patches * (6 * vision.hidden + vision.mlp_activations * vision.intermediate)
         return cache + (decoder + vision_block) * costs.dtype_bytes

@@ -30,6 +30,7 @@ class VisionCost(ABC):
         """Every weight of the tower."""
 
     merge: int  # patches per side of a merged visual token
+    mlp_activations: int  # intermediate-wide activations one block's MLP holds: gated 3, plain 2
 
 
 class Architecture(ABC):

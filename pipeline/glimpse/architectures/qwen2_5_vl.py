@@ -62,6 +62,7 @@ class WindowedVisionCost(VisionCost):
     merge: int
     window: int  # merged cells per window side
     full_attention_blocks: frozenset[int]
+    mlp_activations: int = 3  # gate, up and their product
 
     def image(self, t: int, h: int, w: int) -> float:
         """Patch embedding, blocks (gated MLP; attention per window, or per frame in the

@@ -61,6 +61,7 @@ class FullAttentionVisionCost(VisionCost):
     merge: int
     position_embeddings: int  # rows of the learned position table (interpolated: no products)
     deepstack_mergers: int
+    mlp_activations: int = 2  # fc1 and its activation
 
     def image(self, t: int, h: int, w: int) -> float:
         """Patch embedding, blocks (plain two-layer MLP, attention over each frame whole), the
