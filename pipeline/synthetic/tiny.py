@@ -107,6 +107,37 @@ PATCH_SIZE = {"qwen2_5_vl": 14, "qwen3_vl": 16}
 SPECIAL_IDS = dict(image_token_id=5, video_token_id=6, vision_start_token_id=3, vision_end_token_id=4)
 
 
+def _text_sizes(spec: TinySpec, vocab_size: int) -> dict:
+    """What both families' text configs take alike from `spec`."""
+    return dict(
+        vocab_size=max(vocab_size, spec.embedding_rows),
+        hidden_size=spec.hidden,
+        intermediate_size=spec.intermediate or 2 * spec.hidden,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads,
+        max_position_embeddings=32768,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+
+
+def _vision_sizes(spec: TinySpec) -> dict:
+    """What both families' vision configs take alike from `spec`: patches merged 2×2, in pairs of frames."""
+    return dict(
+        depth=spec.vision_depth,
+        hidden_size=spec.vision_hidden,
+        intermediate_size=spec.vision_intermediate or 2 * spec.vision_hidden,
+        num_heads=spec.vision_heads,
+        out_hidden_size=spec.hidden,
+        patch_size=PATCH_SIZE[spec.architecture],
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        in_channels=3,
+    )
+
+
 def build_config(spec: TinySpec, vocab_size: int):
     """A config of `spec`'s family and sizes, with the special token ids of `build_tokenizer`."""
     if spec.architecture == "qwen3_vl":
@@ -120,14 +151,8 @@ def build_config(spec: TinySpec, vocab_size: int):
     t = half // 4
     h = (half - t) // 2
     return Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=max(vocab_size, spec.embedding_rows),
-            hidden_size=spec.hidden,
-            intermediate_size=spec.intermediate or 2 * spec.hidden,
-            num_hidden_layers=spec.layers,
-            num_attention_heads=spec.heads,
-            num_key_value_heads=spec.kv_heads,
-            max_position_embeddings=32768,
+        text_config=_text_sizes(spec, vocab_size)
+        | dict(
             rms_norm_eps=1e-5,
             tie_word_embeddings=spec.tie_word_embeddings,
             rope_parameters={
@@ -135,23 +160,9 @@ def build_config(spec: TinySpec, vocab_size: int):
                 "rope_theta": spec.rope_theta,
                 "mrope_section": [t, h, half - t - h],
             },
-            bos_token_id=0,
-            eos_token_id=2,
-            pad_token_id=0,
         ),
-        vision_config=dict(
-            depth=spec.vision_depth,
-            hidden_size=spec.vision_hidden,
-            intermediate_size=spec.vision_intermediate or 2 * spec.vision_hidden,
-            num_heads=spec.vision_heads,
-            out_hidden_size=spec.hidden,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=112,
-            fullatt_block_indexes=list(spec.full_attention_blocks or [1, spec.vision_depth - 1]),
-            in_channels=3,
-        ),
+        vision_config=_vision_sizes(spec)
+        | dict(window_size=112, fullatt_block_indexes=list(spec.full_attention_blocks or [1, spec.vision_depth - 1])),
         **SPECIAL_IDS,
         bos_token_id=0,
         eos_token_id=2,
@@ -170,15 +181,9 @@ def _qwen3_vl_config(spec: TinySpec, vocab_size: int):
     h = w = 5 * half // 16
     deepstack = spec.deepstack_blocks or tuple(range(min(3, spec.vision_depth)))
     return Qwen3VLConfig(
-        text_config=dict(
-            vocab_size=max(vocab_size, spec.embedding_rows),
-            hidden_size=spec.hidden,
-            intermediate_size=spec.intermediate or 2 * spec.hidden,
-            num_hidden_layers=spec.layers,
-            num_attention_heads=spec.heads,
-            num_key_value_heads=spec.kv_heads,
+        text_config=_text_sizes(spec, vocab_size)
+        | dict(
             head_dim=head_dim,
-            max_position_embeddings=32768,
             rms_norm_eps=1e-6,
             rope_parameters={
                 "rope_type": "default",
@@ -186,23 +191,9 @@ def _qwen3_vl_config(spec: TinySpec, vocab_size: int):
                 "mrope_section": [half - h - w, h, w],
                 "mrope_interleaved": True,
             },
-            bos_token_id=0,
-            eos_token_id=2,
-            pad_token_id=0,
         ),
-        vision_config=dict(
-            depth=spec.vision_depth,
-            hidden_size=spec.vision_hidden,
-            intermediate_size=spec.vision_intermediate or 2 * spec.vision_hidden,
-            num_heads=spec.vision_heads,
-            out_hidden_size=spec.hidden,
-            patch_size=PATCH_SIZE["qwen3_vl"],
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            num_position_embeddings=spec.position_embeddings,
-            deepstack_visual_indexes=list(deepstack),
-            in_channels=3,
-        ),
+        vision_config=_vision_sizes(spec)
+        | dict(num_position_embeddings=spec.position_embeddings, deepstack_visual_indexes=list(deepstack)),
         **SPECIAL_IDS,
         tie_word_embeddings=spec.tie_word_embeddings,
     )

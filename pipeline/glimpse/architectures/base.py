@@ -10,6 +10,7 @@ a decoder layer; the grid the VIP sees per image; and what the vision tower cost
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,8 +19,29 @@ from pipeline.glimpse.readout import glimpse_query
 from pipeline.glimpse.vision import VisionFeatures
 
 
+@dataclass(frozen=True)
 class VisionCost(ABC):
-    """FLOPs (matrix products, 2 per multiply-add) and weights of a vision tower."""
+    """FLOPs (matrix products, 2 per multiply-add) and weights of a vision tower: the sizes every
+    family's tower has; subclasses add their own."""
+
+    depth: int
+    hidden: int
+    intermediate: int
+    out_hidden: int
+    patch_inputs: int  # channels · temporal patch · patch²
+    merge: int  # patches per side of a merged visual token
+
+    @classmethod
+    def sizes(cls, vision) -> dict:
+        """The shared fields from a vision config."""
+        return dict(
+            depth=vision.depth,
+            hidden=vision.hidden_size,
+            intermediate=vision.intermediate_size,
+            out_hidden=vision.out_hidden_size,
+            patch_inputs=vision.in_channels * vision.temporal_patch_size * vision.patch_size**2,
+            merge=vision.spatial_merge_size,
+        )
 
     @abstractmethod
     def image(self, t: int, h: int, w: int) -> float:
@@ -29,8 +51,18 @@ class VisionCost(ABC):
     def params(self) -> int:
         """Every weight of the tower."""
 
-    merge: int  # patches per side of a merged visual token
-    mlp_activations: int  # intermediate-wide activations one block's MLP holds: gated 3, plain 2
+    def patch_embedding(self, patches: int) -> float:
+        return 2 * patches * self.patch_inputs * self.hidden
+
+    def merger(self, patches: int) -> float:
+        """One merger: each merge unit's patches concatenated, then two projections."""
+        merged_in = self.hidden * self.merge**2
+        return 2 * (patches // self.merge**2) * merged_in * (merged_in + self.out_hidden)
+
+    def merger_projections(self) -> int:
+        """The weights of one merger's two projections, with biases."""
+        merged_in = self.hidden * self.merge**2
+        return merged_in * merged_in + merged_in + merged_in * self.out_hidden + self.out_hidden
 
 
 class Architecture(ABC):

@@ -41,12 +41,7 @@ class Qwen2_5_VL(Architecture):
 
     def vision_cost(self, vision) -> WindowedVisionCost:
         return WindowedVisionCost(
-            depth=vision.depth,
-            hidden=vision.hidden_size,
-            intermediate=vision.intermediate_size,
-            out_hidden=vision.out_hidden_size,
-            patch_inputs=vision.in_channels * vision.temporal_patch_size * vision.patch_size**2,
-            merge=vision.spatial_merge_size,
+            **WindowedVisionCost.sizes(vision),
             window=vision.window_size // vision.spatial_merge_size // vision.patch_size,
             full_attention_blocks=frozenset(vision.fullatt_block_indexes),
         )
@@ -54,12 +49,6 @@ class Qwen2_5_VL(Architecture):
 
 @dataclass(frozen=True)
 class WindowedVisionCost(VisionCost):
-    depth: int
-    hidden: int
-    intermediate: int
-    out_hidden: int
-    patch_inputs: int  # channels · temporal patch · patch²
-    merge: int
     window: int  # merged cells per window side
     full_attention_blocks: frozenset[int]
     mlp_activations: int = 3  # gate, up and their product
@@ -76,17 +65,14 @@ class WindowedVisionCost(VisionCost):
         attention = sum(
             4 * self.hidden * (full if i in self.full_attention_blocks else windowed) for i in range(self.depth)
         )
-        merged_in = self.hidden * self.merge**2
-        merger = 2 * (patches // self.merge**2) * merged_in * (merged_in + self.out_hidden)
-        return 2 * patches * self.patch_inputs * self.hidden + self.depth * per_block + attention + merger
+        return self.patch_embedding(patches) + self.depth * per_block + attention + self.merger(patches)
 
     def params(self) -> int:
-        """Patch embedding, blocks (qkv and proj with biases, gated MLP with biases, two norms), merger."""
+        """Patch embedding, blocks (qkv and proj with biases, gated MLP with biases, two norms), the
+        merger (an RMSNorm before the shuffle)."""
         h, i = self.hidden, self.intermediate
         block = 4 * h * h + 4 * h + 3 * h * i + 2 * i + h + 2 * h
-        merged_in = h * self.merge**2
-        merger = h + merged_in * merged_in + merged_in + merged_in * self.out_hidden + self.out_hidden
-        return self.patch_inputs * h + self.depth * block + merger
+        return self.patch_inputs * h + self.depth * block + h + self.merger_projections()
 
 
 def _sum_squares(cells: int, window: int) -> int:

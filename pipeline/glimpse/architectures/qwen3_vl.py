@@ -40,12 +40,7 @@ class Qwen3_VL(Architecture):
 
     def vision_cost(self, vision) -> FullAttentionVisionCost:
         return FullAttentionVisionCost(
-            depth=vision.depth,
-            hidden=vision.hidden_size,
-            intermediate=vision.intermediate_size,
-            out_hidden=vision.out_hidden_size,
-            patch_inputs=vision.in_channels * vision.temporal_patch_size * vision.patch_size**2,
-            merge=vision.spatial_merge_size,
+            **FullAttentionVisionCost.sizes(vision),
             position_embeddings=vision.num_position_embeddings,
             deepstack_mergers=len(vision.deepstack_visual_indexes),
         )
@@ -53,12 +48,6 @@ class Qwen3_VL(Architecture):
 
 @dataclass(frozen=True)
 class FullAttentionVisionCost(VisionCost):
-    depth: int
-    hidden: int
-    intermediate: int
-    out_hidden: int
-    patch_inputs: int  # channels · temporal patch · patch²
-    merge: int
     position_embeddings: int  # rows of the learned position table (interpolated: no products)
     deepstack_mergers: int
     mlp_activations: int = 2  # fc1 and its activation
@@ -69,23 +58,15 @@ class FullAttentionVisionCost(VisionCost):
         patches = t * h * w
         per_block = 2 * patches * self.hidden * 4 * self.hidden + 4 * patches * self.hidden * self.intermediate
         attention = self.depth * 4 * self.hidden * t * (h * w) ** 2
-        merged_in = self.hidden * self.merge**2
-        merger = 2 * (patches // self.merge**2) * merged_in * (merged_in + self.out_hidden)
-        return (
-            2 * patches * self.patch_inputs * self.hidden
-            + self.depth * per_block
-            + attention
-            + (1 + self.deepstack_mergers) * merger
-        )
+        mergers = (1 + self.deepstack_mergers) * self.merger(patches)
+        return self.patch_embedding(patches) + self.depth * per_block + attention + mergers
 
     def params(self) -> int:
         """Patch embedding (with bias), the position table, blocks (qkv and proj with biases, MLP
-        with biases, two LayerNorms), the merger (LayerNorm before the shuffle) and the DeepStack
-        mergers (LayerNorm after it)."""
+        with biases, two LayerNorms), the merger (a LayerNorm before the shuffle) and the DeepStack
+        mergers (a LayerNorm after it)."""
         h, i = self.hidden, self.intermediate
         block = 4 * h * h + 4 * h + 2 * h * i + i + h + 4 * h
-        merged_in = h * self.merge**2
-        projections = merged_in * merged_in + merged_in + merged_in * self.out_hidden + self.out_hidden
-        merger = 2 * h + projections
-        deepstack = self.deepstack_mergers * (2 * merged_in + projections)
+        merger = 2 * h + self.merger_projections()
+        deepstack = self.deepstack_mergers * (2 * h * self.merge**2 + self.merger_projections())
         return self.patch_inputs * h + h + self.position_embeddings * h + self.depth * block + merger + deepstack
