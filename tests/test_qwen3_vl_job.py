@@ -18,9 +18,9 @@ from pipeline.keep_masks import unpack
 from pipeline.storage import pyarrow_filesystem
 from pipeline.summary import SUMMARY_FILE
 from pipeline.synthetic.grounding import write_dataset
-from pipeline.training.config import TrainConfig
 from pipeline.training.run import check, run
 from tests.conftest import new_bucket
+from tests.test_training import small_config
 
 
 @pytest.fixture(scope="module")
@@ -45,20 +45,7 @@ def test_a_qwen3_vl_model_trains_its_modules_and_answers_a_job_on_s3(on_s3, tiny
     local_manifest = fs.cat_file(f"{bucket}/manifest.jsonl").decode()
     model = f"s3://{bucket}/models/qwen3-tiny"
     manifest = f"s3://{bucket}/manifest.jsonl"
-    trained = TrainConfig.validated(
-        dict(
-            manifest=manifest,
-            model=model,
-            output=f"s3://{bucket}/train",
-            storage=storage,
-            fresh=True,
-            fuse_size=32,
-            cond_size=32,
-            batch_size=2,
-            grad_accum=1,
-            steps=2,
-        )
-    )
+    trained = small_config(manifest=manifest, model=model, output=f"s3://{bucket}/train", storage=storage)
     assert run(trained, check(trained))["steps"] == 2
     modules = GlimpseConfig.from_dict(json.loads(fs.cat_file(f"{bucket}/train/glimpse/config.json")))
     assert modules.raw["model_type"] == "qwen3_vl"

@@ -201,7 +201,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, type=Path, help="folder for images/ and manifest.jsonl")
     parser.add_argument("--n", required=True, type=int, help="number of examples")
     parser.add_argument("--seed", type=int, default=0, help="another seed, other examples (e.g. held out)")
-    parser.add_argument("--size", type=int, default=224, help="side of the square images, in pixels")
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=224,
+        help="side of the square images, in pixels (224: 8×8 visual tokens of Qwen2.5-VL, 7×7 of Qwen3-VL)",
+    )
     parser.add_argument("--distractors", type=int, default=2, help="at most this many look-alike shapes per image")
     args = parser.parse_args(argv)
     manifest = write_dataset(args.out, args.n, args.seed, (args.size, args.size), args.distractors)

@@ -21,7 +21,9 @@ import torch
 from pipeline.glimpse.objective import ref_token_mask
 from pipeline.training.data import parse_boxes
 
-MERGE = 2  # Qwen2.5-VL merges 2×2 patches into one visual token
+# Qwen2.5-VL (14-pixel patches) and Qwen3-VL (16-pixel) both merge 2×2 patches into one visual token;
+# `image_grid_thw` counts patches, so the merged grid is the same arithmetic for either.
+MERGE = 2
 
 
 @dataclass
