@@ -36,32 +36,38 @@ def locate(config: JobConfig) -> tuple[Checkpoint, Checkpoint | None]:
 
 def check_fit(config: JobConfig, model: Checkpoint, glimpse: Checkpoint | None) -> None:
     """The model is of a family the engine has an adapter for, and the modules were built for it:
-    refused here, in one line, rather than by every actor. Reads the two configs only."""
-    import json
-    import tempfile
-
-    from transformers import AutoConfig
-
-    from pipeline.glimpse.architectures import architecture_of
-    from pipeline.glimpse.config import CONFIG_FILE, GlimpseConfig
+    refused here, in one line, rather than by every actor. Reads the two config.json files only,
+    without transformers (importing it takes seconds)."""
+    from pipeline.glimpse.architectures import check_supported
+    from pipeline.glimpse.config import GlimpseConfig, check_fits
     from pipeline.glimpse.errors import GlimpseError
-    from pipeline.glimpse.modules import check_fits
 
-    with tempfile.TemporaryDirectory() as directory:
-        (Path(directory) / CONFIG_FILE).write_bytes(model.read(CONFIG_FILE, config.storage))
-        try:
-            model_config = AutoConfig.from_pretrained(directory)
-        except Exception as e:  # a model_type transformers does not know, a malformed config
-            raise CheckpointError(f"--model {config.model}: cannot read its {CONFIG_FILE}: {e}") from None
+    model_config = _json_object(model, config.storage, f"--model {config.model}")
     try:
-        architecture_of(model_config)
+        check_supported(model_config.get("model_type"))
     except GlimpseError as e:
         raise CheckpointError(f"--model {config.model}: {e}") from None
     if glimpse is not None:
+        name = f"--glimpse {config.glimpse}"
         try:
-            check_fits(GlimpseConfig.from_dict(json.loads(glimpse.read(CONFIG_FILE, config.storage))), model_config)
-        except (GlimpseError, ValueError) as e:
-            raise CheckpointError(f"--glimpse {config.glimpse}: {e}") from None
+            check_fits(GlimpseConfig.from_dict(_json_object(glimpse, config.storage, name)), model_config)
+        except (GlimpseError, ValueError, TypeError) as e:  # a module config that does not parse, or does not fit
+            raise CheckpointError(f"{name}: {e}") from None
+
+
+def _json_object(checkpoint: Checkpoint, storage, name: str) -> dict:
+    """The checkpoint's config.json, which must hold a JSON object."""
+    import json
+
+    from pipeline.glimpse.config import CONFIG_FILE
+
+    try:
+        loaded = json.loads(checkpoint.read(CONFIG_FILE, storage))
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
+        raise CheckpointError(f"{name}: cannot read its {CONFIG_FILE}: {e}") from None
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"{name}: its {CONFIG_FILE} is not a JSON object")
+    return loaded
 
 
 @dataclass(frozen=True)

@@ -90,27 +90,27 @@ def test_share_seconds_splits_decode_among_running_rows():
     assert share_seconds(2.0, [1.0, 3.0], [1.0, 3.0]) == pytest.approx([0.5 + 0.5, 1.5 + 0.5 + 2.0])
 
 
-@pytest.mark.parametrize("architecture", ["qwen2_5_vl", "qwen3_vl"])
-def test_parameter_count_equals_the_models(architecture):
-    from pipeline.glimpse.architectures import ARCHITECTURES
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_parameter_count_equals_the_models(family):
+    from pipeline.glimpse.architectures import architecture
     from pipeline.synthetic.tiny import TinySpec, build_config, build_model
 
     specs = [
-        TinySpec(architecture=architecture),
-        TinySpec(architecture=architecture, tie_word_embeddings=True, kv_heads=1),
+        TinySpec(architecture=family),
+        TinySpec(architecture=family, tie_word_embeddings=True, kv_heads=1),
     ]
-    if architecture == "qwen3_vl":  # head_dim apart from hidden / heads, DeepStack from two blocks
-        specs.append(TinySpec(architecture=architecture, head_dim=24, deepstack_blocks=(1, 3), position_embeddings=36))
+    if family == "qwen3_vl":  # head_dim apart from hidden / heads, DeepStack from two blocks
+        specs.append(TinySpec(architecture=family, head_dim=24, deepstack_blocks=(1, 3), position_embeddings=36))
     for spec in specs:
         model = build_model(spec, 400)
         assert CostModel(model.config, None, 4).parameters() == sum(p.numel() for p in model.parameters()), spec
     # Qwen3 projections get biases, o's included, with `attention_bias`; Qwen2.5's q, k, v always have them.
-    config = build_config(TinySpec(architecture=architecture), 400)
+    config = build_config(TinySpec(architecture=family), 400)
     config.text_config.attention_bias = True
-    model = ARCHITECTURES[architecture].model_class()._from_config(config)
+    model = architecture(family).model_class()._from_config(config)
     assert CostModel(config, None, 4).parameters() == sum(p.numel() for p in model.parameters())
     for name, preset in PRESETS.items():
-        if preset.spec.architecture != architecture:
+        if preset.spec.architecture != family:
             continue
         with torch.device("meta"):
             big = build_model(preset.spec, 400, device="meta")

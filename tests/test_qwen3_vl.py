@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import torch
 
-from pipeline.glimpse.architectures import ARCHITECTURES, architecture_of
+from pipeline.glimpse.architectures import architecture, architecture_of
 from pipeline.glimpse.baseline import transformers_generate
 from pipeline.glimpse.cache import PrunableKVCache
 from pipeline.glimpse.engine import GlimpseEngine, Request
@@ -49,7 +49,7 @@ def until_eos(tokens, eos):
 
 
 def test_the_adapter_is_chosen_by_the_checkpoint(engine):
-    assert engine.architecture is ARCHITECTURES["qwen3_vl"]
+    assert engine.architecture is architecture("qwen3_vl")
     assert engine.model.config.vision_config.patch_size == 16
     assert len(engine.model.model.visual.deepstack_merger_list) == 3
 
@@ -80,11 +80,11 @@ def test_pruned_answers_are_the_same_alone_and_batched(engine):
         assert b.pruned and b.n_visual_kept <= b.n_visual_tokens
 
 
-@pytest.mark.parametrize("architecture", ["qwen2_5_vl", "qwen3_vl"])
-def test_the_glimpse_query_is_the_query_the_layer_attends_with(architecture, engine, fixture_engine):
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_the_glimpse_query_is_the_query_the_layer_attends_with(family, engine, fixture_engine):
     """exp of the glimpse's log-softmax read-out equals the attention weights the layer's own eager
     attention gives the last token: the same norms and rotary. Qwen3-VL's q_norm left out fails."""
-    subject = {"qwen2_5_vl": fixture_engine, "qwen3_vl": engine}[architecture]
+    subject = {"qwen2_5_vl": fixture_engine, "qwen3_vl": engine}[family]
     model = subject.model
     prompt = subject.prepare(Request("q", [noise_image(90, 120, 4)], "where is the cat"))
     inputs = decoder_inputs(model, [prompt], subject.pad_token_id, [])
@@ -109,8 +109,8 @@ def test_the_glimpse_query_is_the_query_the_layer_attends_with(architecture, eng
         layers.config._attn_implementation = before
     theirs = captured["weights"][:, :, -1].transpose(1, 2)  # [1, T, heads]
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
-    if architecture == "qwen3_vl":  # the same read-out without q_norm is measurably another query
-        plain = ARCHITECTURES["qwen2_5_vl"].glimpse_query(layer, inputs.embeds, rotary, last)
+    if family == "qwen3_vl":  # the same read-out without q_norm is measurably another query
+        plain = architecture("qwen2_5_vl").glimpse_query(layer, inputs.embeds, rotary, last)
         assert not torch.allclose(plain, query, atol=1e-3)
 
 

@@ -83,27 +83,30 @@ def test_a_qwen3_vl_model_trains_its_modules_and_answers_a_job_on_s3(on_s3, tiny
 
 
 @pytest.mark.parametrize(
-    "model_type, glimpse, message",
+    "model_config, glimpse, message",
     [
         (None, "fixture", "--glimpse .*: glimpse modules do not fit the model: trained on a qwen2_5_vl model"),
-        ("llava", None, "--model .*: model_type 'llava' is not supported; supported: qwen2_5_vl, qwen3_vl"),
+        ('{"model_type": "llava"}', None, "--model .*: model_type 'llava' is not supported; supported: qwen2_5_vl"),
+        ('{"model_type": "qwen3_vl_moe"}', None, "--model .*: model_type 'qwen3_vl_moe' is not supported"),
+        ("{not json", None, "--model .*: cannot read its config.json: Expecting property name"),
+        ("[1, 2]", None, "--model .*: its config.json is not a JSON object"),
     ],
 )
 def test_a_model_or_modules_the_engine_cannot_run_are_refused_before_ray(
-    tiny_qwen3_checkpoint, tmp_path, capsys, model_type, glimpse, message
+    tiny_qwen3_checkpoint, tmp_path, capsys, model_config, glimpse, message
 ):
     """One line and exit 2 from the driver, not a failure in every actor: the release's Qwen2.5-VL
-    modules on a Qwen3-VL model of the same sizes, and a family with no adapter."""
+    modules on a Qwen3-VL model of the same sizes, families with no adapter, configs that do not parse."""
     import re
 
     from jobs.vqa import main
     from tests.conftest import FIXTURE
 
     base = tiny_qwen3_checkpoint / "base"
-    if model_type:  # a checkpoint of another family: its config, with transformers' defaults
+    if model_config:
         base = tmp_path / "other"
         base.mkdir()
-        (base / "config.json").write_text(json.dumps({"model_type": model_type}))
+        (base / "config.json").write_text(model_config)
     options = ["--model", str(base), "--output", str(tmp_path / "out")]
     if glimpse:
         options += ["--glimpse", str(FIXTURE / "glimpse")]

@@ -12,12 +12,12 @@ import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 from transformers.vision_utils import get_vision_window_index
 
-from pipeline.glimpse.architectures import ARCHITECTURES
+from pipeline.glimpse.architectures import architecture
 from pipeline.glimpse.vision_attention import NAME, one_call_per_block
 from pipeline.synthetic.tiny import TinySpec, build_config
 from tests.conftest import fixture_requests
 
-encode_images = ARCHITECTURES["qwen2_5_vl"].encode_images
+encode_images = architecture("qwen2_5_vl").encode_images
 
 # (t, h, w) in patches. Merged windows are 4×4 cells (window 112, patch 14, merge 2): 10×14 patches
 # give 5×7 cells, edge windows of 1 and 3 rows/columns; 16×16 fills its windows; 2×2 is one cell.

@@ -97,8 +97,8 @@ class CostModel:
         text = getattr(model_config, "text_config", model_config)
         vision = model_config.vision_config
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        qwen3 = architecture_of(model_config).model_type == "qwen3_vl"
-        attention_bias = bool(getattr(text, "attention_bias", False))
+        architecture = architecture_of(model_config)
+        qkv_bias, o_bias = architecture.attention_biases(text)
         self.text = _Text(
             layers=text.num_hidden_layers,
             hidden=text.hidden_size,
@@ -107,11 +107,11 @@ class CostModel:
             head_dim=head_dim,
             intermediate=text.intermediate_size,
             vocab=text.vocab_size,
-            qkv_bias=attention_bias if qwen3 else True,
-            o_bias=attention_bias and qwen3,
-            qk_norm=qwen3,
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            qk_norm=architecture.qk_norm,
         )
-        self.vision = architecture_of(model_config).vision_cost(vision)
+        self.vision = architecture.vision_cost(vision)
         self.vip = (
             _Vip(
                 fuse=glimpse.attn_fuse_size,

@@ -12,7 +12,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from pipeline.glimpse.errors import GlimpseConfigError
+from pipeline.glimpse.errors import GlimpseConfigError, ModuleMismatchError
 
 CONFIG_FILE = "config.json"
 MODULES_FILE = "new_modules_gp.pt"
@@ -148,3 +148,61 @@ class GlimpseConfig:
     def num_attention_features(self) -> int:
         """A: the width of the attention features the VIP reads (selected layers × heads)."""
         return len(self.selected_layers) * self.num_attention_heads
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What glimpse modules must match in a base model, read alike from a transformers config or
+    from the checkpoint's config.json as a dict (the driver's check reads it without transformers).
+    None where the config does not say."""
+
+    model_type: str | None
+    hidden_size: int | None
+    num_hidden_layers: int | None
+    num_attention_heads: int | None
+    vision_hidden_size: int | None
+    vision_depth: int | None
+
+    @classmethod
+    def of(cls, model_config) -> ModelShape:
+        raw = model_config if isinstance(model_config, dict) else model_config.to_dict()
+        text = raw.get("text_config") or raw
+        vision = raw.get("vision_config") or {}
+        return cls(
+            raw.get("model_type"),
+            *(text.get(key, raw.get(key)) for key in ("hidden_size", "num_hidden_layers", "num_attention_heads")),
+            vision.get("hidden_size"),
+            vision.get("depth"),
+        )
+
+
+def check_fits(config: GlimpseConfig, model_config) -> None:
+    """Raises ModuleMismatchError naming every way the modules do not fit the model (a config
+    object or its dict)."""
+    model = ModelShape.of(model_config)
+    problems = []
+    built_for = str(config.raw.get("model_type", "")).removesuffix("_gp")  # the release saves "qwen2_5_vl_gp"
+    if built_for and model.model_type and built_for != model.model_type:
+        problems.append(f"trained on a {built_for} model, this is a {model.model_type} model")
+    for name, ours, theirs in (
+        ("hidden_size", config.hidden_size, model.hidden_size),
+        ("num_hidden_layers", config.num_hidden_layers, model.num_hidden_layers),
+        ("num_attention_heads", config.num_attention_heads, model.num_attention_heads),
+        ("vision hidden_size", config.vision_hidden_size, model.vision_hidden_size),
+    ):
+        if theirs is not None and ours != theirs:
+            problems.append(f"{name}: modules were built for {ours}, the model has {theirs}")
+    layers = model.num_hidden_layers
+    if layers is not None:
+        for name, values in (("le_layers", config.le_layers), ("selected_layers", config.selected_layers)):
+            if max(values) >= layers:
+                problems.append(f"{name} {values} reach past the model's {layers} decoder layers")
+        if config.reduce_layer >= layers:
+            problems.append(f"reduce_layer {config.reduce_layer} is past the model's {layers} decoder layers")
+    if model.vision_depth is not None and max(config.selected_visual_layers) >= model.vision_depth:
+        problems.append(
+            f"selected_visual_layers {config.selected_visual_layers} "
+            f"reach past the vision tower's {model.vision_depth} blocks"
+        )
+    if problems:
+        raise ModuleMismatchError("glimpse modules do not fit the model: " + "; ".join(problems))

@@ -18,7 +18,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     apply_rotary_pos_emb_vision,
 )
 
-from pipeline.glimpse.config import CONFIG_FILE, MODULES_FILE, GlimpseConfig
+from pipeline.glimpse.config import CONFIG_FILE, MODULES_FILE, GlimpseConfig, check_fits
 from pipeline.glimpse.errors import GlimpseConfigError, ModuleMismatchError
 
 VIP_NORM_EPS = 1e-6
@@ -221,34 +221,3 @@ class GlimpseModules(nn.Module):
         except RuntimeError as e:
             raise ModuleMismatchError(f"{path} does not match its own config.json: {e}") from e
         return modules
-
-
-def check_fits(config: GlimpseConfig, model_config) -> None:
-    """Raises ModuleMismatchError naming every way the modules do not fit the model."""
-    text = getattr(model_config, "text_config", model_config)
-    vision = model_config.vision_config
-    problems = []
-    built_for = str(config.raw.get("model_type", "")).removesuffix("_gp")  # the release saves "qwen2_5_vl_gp"
-    if built_for and built_for != model_config.model_type:
-        problems.append(f"trained on a {built_for} model, this is a {model_config.model_type} model")
-    for name, ours, theirs in (
-        ("hidden_size", config.hidden_size, text.hidden_size),
-        ("num_hidden_layers", config.num_hidden_layers, text.num_hidden_layers),
-        ("num_attention_heads", config.num_attention_heads, text.num_attention_heads),
-        ("vision hidden_size", config.vision_hidden_size, vision.hidden_size),
-    ):
-        if ours != theirs:
-            problems.append(f"{name}: modules were built for {ours}, the model has {theirs}")
-    layers = text.num_hidden_layers
-    for name, values in (("le_layers", config.le_layers), ("selected_layers", config.selected_layers)):
-        if max(values) >= layers:
-            problems.append(f"{name} {values} reach past the model's {layers} decoder layers")
-    if config.reduce_layer >= layers:
-        problems.append(f"reduce_layer {config.reduce_layer} is past the model's {layers} decoder layers")
-    if max(config.selected_visual_layers) >= vision.depth:
-        problems.append(
-            f"selected_visual_layers {config.selected_visual_layers} "
-            f"reach past the vision tower's {vision.depth} blocks"
-        )
-    if problems:
-        raise ModuleMismatchError("glimpse modules do not fit the model: " + "; ".join(problems))

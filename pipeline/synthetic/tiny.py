@@ -203,13 +203,13 @@ def build_model(spec: TinySpec, vocab_size: int, dtype=None, device=None, attn_i
     """Random seeded weights of `spec`'s shape, made directly on `device` in `dtype`."""
     import torch
 
-    from pipeline.glimpse.architectures import ARCHITECTURES
+    from pipeline.glimpse.architectures import architecture
 
     config = build_config(spec, vocab_size)
     torch.manual_seed(spec.seed)
     with torch.device(device or "cpu"):
         model = (
-            ARCHITECTURES[spec.architecture]
+            architecture(spec.architecture)
             .model_class()
             ._from_config(config, dtype=dtype or torch.float32, attn_implementation=attn_implementation)
         )

@@ -25,8 +25,7 @@ import pyarrow as pa
 from pipeline.checkpoints import Checkpoint, resolve_checkpoint
 from pipeline.cluster import shortfall, started_locally
 from pipeline.glimpse.architectures import architecture_of
-from pipeline.glimpse.config import GlimpseConfig
-from pipeline.glimpse.modules import check_fits
+from pipeline.glimpse.config import GlimpseConfig, check_fits
 from pipeline.storage import filesystem_for, protocol_of, pyarrow_filesystem
 from pipeline.training.config import TrainConfig
 from pipeline.training.data import ordered_dataset, prepare_training_batch, training_rows

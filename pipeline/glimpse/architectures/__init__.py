@@ -2,27 +2,47 @@
 
 The engine, the training objective and the accounting are written once; each asks the model's
 adapter (`architecture_of(config)`) for what its family does its own way (see `Architecture`).
+Adapters are imported when first asked for, so that checking a model's family (on the driver,
+before Ray starts) does not import torch.
 """
 
 from __future__ import annotations
 
-from pipeline.glimpse.architectures.base import Architecture
-from pipeline.glimpse.architectures.qwen2_5_vl import Qwen2_5_VL
-from pipeline.glimpse.architectures.qwen3_vl import Qwen3_VL
+import importlib
+from functools import cache
+from typing import TYPE_CHECKING
+
 from pipeline.glimpse.errors import UnsupportedModelError
 
-ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (Qwen2_5_VL(), Qwen3_VL())}
+if TYPE_CHECKING:
+    from pipeline.glimpse.architectures.base import Architecture
+
+# model_type → (module, class) of its adapter
+ADAPTERS = {
+    "qwen2_5_vl": ("pipeline.glimpse.architectures.qwen2_5_vl", "Qwen2_5_VL"),
+    "qwen3_vl": ("pipeline.glimpse.architectures.qwen3_vl", "Qwen3_VL"),
+}
+
+
+def check_supported(model_type: str | None) -> None:
+    """Raises UnsupportedModelError unless an adapter covers `model_type`."""
+    if model_type not in ADAPTERS:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(ADAPTERS))}"
+        )
+
+
+@cache
+def architecture(model_type: str) -> Architecture:
+    """The adapter for `model_type`, one instance per process."""
+    check_supported(model_type)
+    module, name = ADAPTERS[model_type]
+    return getattr(importlib.import_module(module), name)()
 
 
 def architecture_of(config) -> Architecture:
     """The adapter for a model config (its `model_type`)."""
-    model_type = getattr(config, "model_type", None)
-    try:
-        return ARCHITECTURES[model_type]
-    except KeyError:
-        raise UnsupportedModelError(
-            f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}"
-        ) from None
+    return architecture(getattr(config, "model_type", None))
 
 
 def architecture_of_checkpoint(model) -> Architecture:
@@ -32,4 +52,4 @@ def architecture_of_checkpoint(model) -> Architecture:
     return architecture_of(AutoConfig.from_pretrained(model))
 
 
-__all__ = ["ARCHITECTURES", "Architecture", "UnsupportedModelError", "architecture_of", "architecture_of_checkpoint"]
+__all__ = ["ADAPTERS", "architecture", "architecture_of", "architecture_of_checkpoint", "check_supported"]

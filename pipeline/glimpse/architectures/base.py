@@ -70,6 +70,7 @@ class Architecture(ABC):
 
     model_type: str
     label: str  # how the README and errors name the family
+    qk_norm: bool = False  # the decoder's attention normalises each head's queries and keys before rotary
 
     @abstractmethod
     def model_class(self):
@@ -104,7 +105,12 @@ class Architecture(ABC):
     def glimpse_query(self, layer, hidden: torch.Tensor, rotary, column: torch.Tensor) -> torch.Tensor:
         """The query of the token at `column` [B] of each row at decoder `layer`, as the layer's
         attention forms it: [B, heads, 1, head_dim]."""
-        return glimpse_query(layer, hidden, rotary, column)
+        return glimpse_query(layer, hidden, rotary, column, normed=self.qk_norm)
+
+    def attention_biases(self, text_config) -> tuple[bool, bool]:
+        """Whether the decoder's q/k/v projections, and its o projection, have biases."""
+        bias = bool(getattr(text_config, "attention_bias", False))
+        return bias, bias
 
     def vip_grid(self, grid_thw: list[list[int]], merge: int) -> list[tuple[int, int]]:
         """The (rows, columns) of merged visual tokens the VIP lays each image out on."""

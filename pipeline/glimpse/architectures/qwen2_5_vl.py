@@ -21,6 +21,10 @@ class Qwen2_5_VL(Architecture):
 
         return Qwen2_5_VLForConditionalGeneration
 
+    def attention_biases(self, text_config) -> tuple[bool, bool]:
+        """q, k and v have biases, o has none, whatever the config says."""
+        return True, False
+
     def encode_images(self, visual, pixel_values, grid_thw, blocks) -> VisionFeatures:
         """One attention call per block (`one_call_per_block`). The blocks see patches in window
         order; the decoder and the VIP use raster order of merged cells. A merge unit is `unit`

@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.glimpse.architectures.base import Architecture, VisionCost
-from pipeline.glimpse.readout import glimpse_query
 from pipeline.glimpse.vision import VisionFeatures, merge_unit_taps
 from pipeline.glimpse.vision_attention import one_call_per_block
 
@@ -16,6 +15,7 @@ from pipeline.glimpse.vision_attention import one_call_per_block
 class Qwen3_VL(Architecture):
     model_type = "qwen3_vl"
     label = "Qwen3-VL"
+    qk_norm = True
 
     def model_class(self):
         from transformers import Qwen3VLForConditionalGeneration
@@ -34,9 +34,6 @@ class Qwen3_VL(Architecture):
             selected=[captured[i] for i in blocks],
             deepstack=list(out.deepstack_features or []),
         )
-
-    def glimpse_query(self, layer, hidden, rotary, column):
-        return glimpse_query(layer, hidden, rotary, column, normed=True)
 
     def vision_cost(self, vision) -> FullAttentionVisionCost:
         return FullAttentionVisionCost(
