@@ -50,12 +50,24 @@ class Checkpoint:
             return _hub_snapshot(self.location, self.revision, name=self.location)
         return _fetch_remote(self, storage)
 
-    def read(self, name: str, storage: StorageOptions) -> bytes:
-        """One file of the checkpoint, without fetching the rest (the driver reads configs this way)."""
-        if self.kind not in ("local", "hub"):
-            fs, root = filesystem_for(self.location, storage)
-            return fs.cat_file(f"{root.rstrip('/')}/{name}")
-        return (self.local_dir(storage) / name).read_bytes()
+    def config(self, storage: StorageOptions, name: str) -> dict:
+        """The checkpoint's config.json, read alone (not the weights): a family or a fit can be
+        refused on the driver without fetching gigabytes. CheckpointError, naming the checkpoint
+        as `name` (how the user gave it), unless it is a JSON object."""
+        import json
+
+        try:
+            if self.kind in ("local", "hub"):
+                text = (self.local_dir(storage) / CONFIG_FILE).read_bytes()
+            else:
+                fs, root = filesystem_for(self.location, storage)
+                text = fs.cat_file(f"{root.rstrip('/')}/{CONFIG_FILE}")
+            loaded = json.loads(text)
+        except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
+            raise CheckpointError(f"{name}: cannot read its {CONFIG_FILE}: {e}") from None
+        if not isinstance(loaded, dict):
+            raise CheckpointError(f"{name}: its {CONFIG_FILE} is not a JSON object")
+        return loaded
 
     def lineage(self) -> dict:
         """What the output metadata records about where the checkpoint came from."""
@@ -239,3 +251,18 @@ def _check_unchanged(checkpoint: Checkpoint, listing: dict[str, str]) -> None:
             f"{checkpoint.location}: the objects under this prefix changed after the job resolved it "
             f"(revision {checkpoint.revision}); rerun the job to use the new files"
         )
+
+
+def transformers_config(raw: dict, name: str):
+    """A checkpoint's config.json as transformers reads it (its defaults filled in)."""
+    import json
+    import tempfile
+
+    from transformers import AutoConfig
+
+    with tempfile.TemporaryDirectory() as directory:
+        (Path(directory) / CONFIG_FILE).write_text(json.dumps(raw))
+        try:
+            return AutoConfig.from_pretrained(directory)
+        except Exception as e:  # transformers raises many kinds on a config it cannot use
+            raise CheckpointError(f"{name}: transformers cannot read its {CONFIG_FILE}: {e}") from None

@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.checkpoints import Checkpoint, CheckpointError, resolve_checkpoint
+from pipeline.checkpoints import Checkpoint, CheckpointError, resolve_checkpoint, transformers_config
 from pipeline.cluster import shortfall
 from pipeline.config import JobConfig
 
@@ -36,38 +36,24 @@ def locate(config: JobConfig) -> tuple[Checkpoint, Checkpoint | None]:
 
 def check_fit(config: JobConfig, model: Checkpoint, glimpse: Checkpoint | None) -> None:
     """The model is of a family the engine has an adapter for, and the modules were built for it:
-    refused here, in one line, rather than by every actor. Reads the two config.json files only,
-    without transformers (importing it takes seconds)."""
+    refused here, in one line, rather than by every actor. Reads the configs only; transformers
+    (seconds to import) only when there are modules to fit."""
     from pipeline.glimpse.architectures import check_supported
     from pipeline.glimpse.config import GlimpseConfig, check_fits
     from pipeline.glimpse.errors import GlimpseError
 
-    model_config = _json_object(model, config.storage, f"--model {config.model}")
+    raw = model.config(config.storage, f"--model {config.model}")
     try:
-        check_supported(model_config.get("model_type"))
+        check_supported(raw.get("model_type"))
     except GlimpseError as e:
         raise CheckpointError(f"--model {config.model}: {e}") from None
-    if glimpse is not None:
-        name = f"--glimpse {config.glimpse}"
-        try:
-            check_fits(GlimpseConfig.from_dict(_json_object(glimpse, config.storage, name)), model_config)
-        except (GlimpseError, ValueError, TypeError) as e:  # a module config that does not parse, or does not fit
-            raise CheckpointError(f"{name}: {e}") from None
-
-
-def _json_object(checkpoint: Checkpoint, storage, name: str) -> dict:
-    """The checkpoint's config.json, which must hold a JSON object."""
-    import json
-
-    from pipeline.glimpse.config import CONFIG_FILE
-
+    if glimpse is None:
+        return
+    modules = glimpse.config(config.storage, f"--glimpse {config.glimpse}")
     try:
-        loaded = json.loads(checkpoint.read(CONFIG_FILE, storage))
-    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
-        raise CheckpointError(f"{name}: cannot read its {CONFIG_FILE}: {e}") from None
-    if not isinstance(loaded, dict):
-        raise CheckpointError(f"{name}: its {CONFIG_FILE} is not a JSON object")
-    return loaded
+        check_fits(GlimpseConfig.from_dict(modules), transformers_config(raw, f"--model {config.model}"))
+    except GlimpseError as e:
+        raise CheckpointError(f"--glimpse {config.glimpse}: {e}") from None
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -53,3 +54,24 @@ def test_a_missing_required_field_is_named(name):
     del raw[name]
     with pytest.raises(GlimpseConfigError, match=f"missing the field '{name}'"):
         GlimpseConfig.from_dict(raw)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda raw: [], "a glimpse config is a JSON object, not list"),
+        (lambda raw: raw | {"le_layers": None}, "le_layers is not a list of layer indices: None"),
+        (lambda raw: raw | {"selected_layers": "abc"}, "selected_layers is not a list of layer indices: 'abc'"),
+        (lambda raw: raw | {"selected_visual_layers": [-1]}, "selected_visual_layers is not a list of layer indices"),
+        (lambda raw: raw | {"selected_visual_layers": []}, "selected_visual_layers is empty"),
+        (lambda raw: raw | {"reduce_layer": -1, "selected_layers": [0]}, "reduce_layer -1 is negative"),
+        (lambda raw: raw | {"attn_fuse_size": "wide"}, "attn_fuse_size is not a whole number: 'wide'"),
+        (lambda raw: raw | {"vision_config": "x"}, "the glimpse config's vision_config is not an object"),
+    ],
+)
+def test_a_malformed_config_is_refused_naming_the_field(change, message):
+    """A config the engine could not run is a GlimpseConfigError at load, naming what is wrong,
+    not a TypeError deep inside the model."""
+    raw = json.loads((FIXTURE / "glimpse" / "config.json").read_text())
+    with pytest.raises(GlimpseConfigError, match=re.escape(message)):
+        GlimpseConfig.from_dict(change(raw))

@@ -90,6 +90,11 @@ def test_a_qwen3_vl_model_trains_its_modules_and_answers_a_job_on_s3(on_s3, tiny
         ('{"model_type": "qwen3_vl_moe"}', None, "--model .*: model_type 'qwen3_vl_moe' is not supported"),
         ("{not json", None, "--model .*: cannot read its config.json: Expecting property name"),
         ("[1, 2]", None, "--model .*: its config.json is not a JSON object"),
+        ('{"model_type": ["qwen3_vl"]}', None, "--model .*: model_type \\['qwen3_vl'\\] is not supported"),
+        (None, "no model_type", "--glimpse .*: vision patch_size: modules were built for 14, the model has 16"),
+        (None, "[]", "--glimpse .*: its config.json is not a JSON object"),
+        (None, "negative layer", "--glimpse .*: the glimpse config's selected_layers is not a list of layer indices"),
+        (None, "text_config list", "--glimpse .*: the glimpse config's text_config is not an object"),
     ],
 )
 def test_a_model_or_modules_the_engine_cannot_run_are_refused_before_ray(
@@ -109,8 +114,45 @@ def test_a_model_or_modules_the_engine_cannot_run_are_refused_before_ray(
         (base / "config.json").write_text(model_config)
     options = ["--model", str(base), "--output", str(tmp_path / "out")]
     if glimpse:
-        options += ["--glimpse", str(FIXTURE / "glimpse")]
+        options += ["--glimpse", str(_modules(FIXTURE / "glimpse", glimpse, tmp_path))]
     assert main(options) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(message, err[0]), err
     assert not (tmp_path / "out").exists()
+
+
+def _modules(published, change: str, tmp_path):
+    """The release's modules, or a copy whose config.json is changed as `change` says."""
+    import shutil
+
+    if change == "fixture":
+        return published
+    modules = shutil.copytree(published, tmp_path / "modules")
+    config = json.loads((modules / "config.json").read_text())
+    changed = {
+        "no model_type": lambda c: {k: v for k, v in c.items() if k != "model_type"},
+        "[]": lambda c: [],
+        "negative layer": lambda c: c | {"selected_layers": [-1]},
+        "text_config list": lambda c: c | {"text_config": [1, 2]},
+    }[change](config)
+    (modules / "config.json").write_text(json.dumps(changed))
+    return modules
+
+
+def test_the_training_job_refuses_a_family_without_an_adapter_before_fetching_its_weights(tmp_path, on_s3, monkeypatch):
+    """The config.json alone is read: the weights beside it are never fetched."""
+    from pipeline.checkpoints import CheckpointError
+
+    storage, fs, bucket = on_s3
+    monkeypatch.setenv("GLIMPSE_BATCH_CACHE", str(tmp_path / "cache"))
+    fs.pipe(f"{bucket}/moe/config.json", b'{"model_type": "qwen3_vl_moe"}')
+    fs.pipe(f"{bucket}/moe/model.safetensors", b"\0" * 1024)
+    config = small_config(
+        manifest=f"s3://{bucket}/manifest.jsonl",
+        model=f"s3://{bucket}/moe",
+        output=str(tmp_path / "run"),
+        storage=storage,
+    )
+    with pytest.raises(CheckpointError, match="model_type 'qwen3_vl_moe' is not supported"):
+        check(config)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("model.safetensors"))

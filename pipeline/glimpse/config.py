@@ -33,7 +33,15 @@ def _zero_if_null(value: Any) -> int:
 
 
 # Conversions by field type; values of other types are kept as loaded.
-_CONVERTERS = {int: int, float: float, bool: bool, list[int]: list}
+def _layer_list(value: Any) -> list[int]:
+    """A list of layer indices: whole numbers, none negative."""
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        raise ValueError(value)
+    return list(value)
+
+
+_CONVERTERS = {int: int, float: float, bool: bool, list[int]: _layer_list}
+_KINDS = {int: "a whole number", float: "a number", bool: "true or false", list[int]: "a list of layer indices"}
 
 
 @dataclass
@@ -73,6 +81,8 @@ class GlimpseConfig:
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        if self.reduce_layer < 0:
+            raise GlimpseConfigError(f"reduce_layer {self.reduce_layer} is negative")
         anchors = self.raw.get("anchor_positions")
         if anchors:
             raise GlimpseConfigError(
@@ -94,6 +104,8 @@ class GlimpseConfig:
             raise GlimpseConfigError(
                 f"selected_layers {self.selected_layers} must not come after reduce_layer {self.reduce_layer}"
             )
+        if not self.selected_visual_layers:
+            raise GlimpseConfigError("selected_visual_layers is empty: the VIP needs at least one vision block")
         if 0 not in self.le_layers:
             raise GlimpseConfigError(f"le_layers {self.le_layers} must include layer 0 (the appended glimpse token)")
         if (self.attn_fuse_size + self.visual_cond_size) % self.attn_fuse_num_heads:
@@ -104,9 +116,15 @@ class GlimpseConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> GlimpseConfig:
-        """Reads the published layout: GlimpsePrune fields at top level next to the model config."""
+        """Reads the published layout: GlimpsePrune fields at top level next to the model config.
+        Raises GlimpseConfigError naming the field that is missing or of the wrong kind."""
+        if not isinstance(raw, dict):
+            raise GlimpseConfigError(f"a glimpse config is a JSON object, not {type(raw).__name__}")
         text = raw.get("text_config") or raw
         vision = raw.get("vision_config") or {}
+        for name, section in (("text_config", text), ("vision_config", vision)):
+            if not isinstance(section, dict):
+                raise GlimpseConfigError(f"the glimpse config's {name} is not an object")
         types = get_type_hints(cls)
         values = {}
         for f in fields(cls):
@@ -120,7 +138,11 @@ class GlimpseConfig:
             else:
                 value = raw.get(f.name, f.default)
             convert = f.metadata.get("convert") or _CONVERTERS.get(types[f.name])
-            values[f.name] = convert(value) if convert else value
+            try:
+                values[f.name] = convert(value) if convert else value
+            except (TypeError, ValueError):
+                kind = _KINDS.get(types[f.name], "valid")
+                raise GlimpseConfigError(f"the glimpse config's {f.name} is not {kind}: {value!r:.60}") from None
         return cls(**values, raw=dict(raw))
 
     @classmethod
@@ -150,59 +172,35 @@ class GlimpseConfig:
         return len(self.selected_layers) * self.num_attention_heads
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """What glimpse modules must match in a base model, read alike from a transformers config or
-    from the checkpoint's config.json as a dict (the driver's check reads it without transformers).
-    None where the config does not say."""
-
-    model_type: str | None
-    hidden_size: int | None
-    num_hidden_layers: int | None
-    num_attention_heads: int | None
-    vision_hidden_size: int | None
-    vision_depth: int | None
-
-    @classmethod
-    def of(cls, model_config) -> ModelShape:
-        raw = model_config if isinstance(model_config, dict) else model_config.to_dict()
-        text = raw.get("text_config") or raw
-        vision = raw.get("vision_config") or {}
-        return cls(
-            raw.get("model_type"),
-            *(text.get(key, raw.get(key)) for key in ("hidden_size", "num_hidden_layers", "num_attention_heads")),
-            vision.get("hidden_size"),
-            vision.get("depth"),
-        )
-
-
 def check_fits(config: GlimpseConfig, model_config) -> None:
-    """Raises ModuleMismatchError naming every way the modules do not fit the model (a config
-    object or its dict)."""
-    model = ModelShape.of(model_config)
+    """Raises ModuleMismatchError naming every way the modules do not fit the model (a transformers
+    config): the family they were trained on (or, where their config does not name it, the patch
+    size), the sizes they were built for, and layer indices within the model's."""
+    text = getattr(model_config, "text_config", model_config)
+    vision = model_config.vision_config
     problems = []
     built_for = str(config.raw.get("model_type", "")).removesuffix("_gp")  # the release saves "qwen2_5_vl_gp"
-    if built_for and model.model_type and built_for != model.model_type:
-        problems.append(f"trained on a {built_for} model, this is a {model.model_type} model")
+    if built_for and built_for != model_config.model_type:
+        problems.append(f"trained on a {built_for} model, this is a {model_config.model_type} model")
     for name, ours, theirs in (
-        ("hidden_size", config.hidden_size, model.hidden_size),
-        ("num_hidden_layers", config.num_hidden_layers, model.num_hidden_layers),
-        ("num_attention_heads", config.num_attention_heads, model.num_attention_heads),
-        ("vision hidden_size", config.vision_hidden_size, model.vision_hidden_size),
+        ("hidden_size", config.hidden_size, text.hidden_size),
+        ("num_hidden_layers", config.num_hidden_layers, text.num_hidden_layers),
+        ("num_attention_heads", config.num_attention_heads, text.num_attention_heads),
+        ("vision hidden_size", config.vision_hidden_size, vision.hidden_size),
+        ("vision patch_size", config.vision_patch_size, vision.patch_size),
     ):
-        if theirs is not None and ours != theirs:
+        if ours != theirs:
             problems.append(f"{name}: modules were built for {ours}, the model has {theirs}")
-    layers = model.num_hidden_layers
-    if layers is not None:
-        for name, values in (("le_layers", config.le_layers), ("selected_layers", config.selected_layers)):
-            if max(values) >= layers:
-                problems.append(f"{name} {values} reach past the model's {layers} decoder layers")
-        if config.reduce_layer >= layers:
-            problems.append(f"reduce_layer {config.reduce_layer} is past the model's {layers} decoder layers")
-    if model.vision_depth is not None and max(config.selected_visual_layers) >= model.vision_depth:
+    layers = text.num_hidden_layers
+    for name, values in (("le_layers", config.le_layers), ("selected_layers", config.selected_layers)):
+        if max(values) >= layers:
+            problems.append(f"{name} {values} reach past the model's {layers} decoder layers")
+    if config.reduce_layer >= layers:
+        problems.append(f"reduce_layer {config.reduce_layer} is past the model's {layers} decoder layers")
+    if max(config.selected_visual_layers) >= vision.depth:
         problems.append(
             f"selected_visual_layers {config.selected_visual_layers} "
-            f"reach past the vision tower's {model.vision_depth} blocks"
+            f"reach past the vision tower's {vision.depth} blocks"
         )
     if problems:
         raise ModuleMismatchError("glimpse modules do not fit the model: " + "; ".join(problems))

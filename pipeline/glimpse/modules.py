@@ -88,8 +88,6 @@ class VisualTokenImportancePredictor(nn.Module):
         super().__init__()
         fuse, cond, heads = config.attn_fuse_size, config.visual_cond_size, config.attn_fuse_num_heads
         n = len(config.selected_visual_layers)
-        if n == 0:
-            raise GlimpseConfigError("selected_visual_layers is empty: the VIP needs at least one vision layer")
         self.config = config
         self.attn_in_proj = nn.Linear(config.num_attention_features, fuse)
         self.cond_in_projs = nn.ModuleList(nn.Linear(config.vision_hidden_size, cond) for _ in range(n))

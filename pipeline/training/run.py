@@ -22,10 +22,11 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from pipeline.checkpoints import Checkpoint, resolve_checkpoint
+from pipeline.checkpoints import Checkpoint, CheckpointError, resolve_checkpoint, transformers_config
 from pipeline.cluster import shortfall, started_locally
-from pipeline.glimpse.architectures import architecture_of
+from pipeline.glimpse.architectures import check_supported
 from pipeline.glimpse.config import GlimpseConfig, check_fits
+from pipeline.glimpse.errors import GlimpseError
 from pipeline.storage import filesystem_for, protocol_of, pyarrow_filesystem
 from pipeline.training.config import TrainConfig
 from pipeline.training.data import ordered_dataset, prepare_training_batch, training_rows
@@ -66,13 +67,16 @@ class Checked:
 
 def check(config: TrainConfig) -> Checked:
     """Everything that can be checked before Ray starts, cheapest first."""
-    from transformers import AutoConfig
-
     _check_output(config)
     rows = training_rows(config.manifest, config.dataset, config.storage, config.id_column, config.image_column)
     model = resolve_checkpoint(config.model, config.model_revision, config.storage, role="model")
-    model_config = AutoConfig.from_pretrained(model.local_dir(config.storage))
-    architecture_of(model_config)  # a family the engine has no adapter for is refused here
+    # A family without an adapter is refused from its config.json, before the weights are fetched.
+    raw = model.config(config.storage, f"--model {config.model}")
+    try:
+        check_supported(raw.get("model_type"))
+    except GlimpseError as e:
+        raise CheckpointError(f"--model {config.model}: {e}") from None
+    model_config = transformers_config(raw, f"--model {config.model}")
     init = None
     if config.init_glimpse:
         init = resolve_checkpoint(config.init_glimpse, None, config.storage, role="glimpse")

@@ -26,7 +26,7 @@ ADAPTERS = {
 
 def check_supported(model_type: str | None) -> None:
     """Raises UnsupportedModelError unless an adapter covers `model_type`."""
-    if model_type not in ADAPTERS:
+    if not isinstance(model_type, str) or model_type not in ADAPTERS:
         raise UnsupportedModelError(
             f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(ADAPTERS))}"
         )
