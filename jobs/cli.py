@@ -90,7 +90,8 @@ def add_config_options(parser: argparse.ArgumentParser, config: type[Options], g
         group = parser.add_argument_group(title)
         for name in names:
             field = fields[name]
-            default = "" if field.default in (None, False) else f" (default: {field.default})"
+            given = field.is_required() or field.default in (None, False)  # required: no default to show
+            default = "" if given else f" (default: {field.default})"
             group.add_argument(
                 f"--{name.replace('_', '-')}",
                 dest=name,

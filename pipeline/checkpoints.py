@@ -265,4 +265,5 @@ def transformers_config(raw: dict, name: str):
         try:
             return AutoConfig.from_pretrained(directory)
         except Exception as e:  # transformers raises many kinds on a config it cannot use
-            raise CheckpointError(f"{name}: transformers cannot read its {CONFIG_FILE}: {e}") from None
+            reason = " ".join(str(e).split())  # one line: some of transformers' messages span several
+            raise CheckpointError(f"{name}: transformers cannot read its {CONFIG_FILE}: {reason}") from None

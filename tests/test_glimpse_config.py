@@ -67,6 +67,16 @@ def test_a_missing_required_field_is_named(name):
         (lambda raw: raw | {"reduce_layer": -1, "selected_layers": [0]}, "reduce_layer -1 is negative"),
         (lambda raw: raw | {"attn_fuse_size": "wide"}, "attn_fuse_size is not a whole number: 'wide'"),
         (lambda raw: raw | {"vision_config": "x"}, "the glimpse config's vision_config is not an object"),
+        (lambda raw: raw | {"attn_fuse_num_heads": 0}, "attn_fuse_num_heads 0 must be at least 1"),
+        (lambda raw: raw | {"attn_fuse_size": -32}, "attn_fuse_size -32 must be at least 1"),
+        (lambda raw: raw | {"reduce_threshold": float("nan")}, "reduce_threshold nan must be in [0, 1]"),
+        (lambda raw: raw | {"reduce_threshold": -5}, "reduce_threshold -5.0 must be in [0, 1]"),
+        (lambda raw: raw | {"max_remain_ratio": "abc"}, "max_remain_ratio is not a number or null: 'abc'"),
+        (lambda raw: raw | {"max_remain_ratio": -1}, "max_remain_ratio -1.0 must be in (0, 1] or null"),
+        (lambda raw: raw | {"min_remain_num": -3}, "min_remain_num -3 is negative"),
+        (lambda raw: raw | {"attn_fuse_global": "false"}, "attn_fuse_global is not true or false: 'false'"),
+        (lambda raw: raw | {"reduce_layer": 2.7}, "reduce_layer is not a whole number: 2.7"),
+        (lambda raw: raw | {"attn_fuse_hidden_act": None}, "attn_fuse_hidden_act is not a string: None"),
     ],
 )
 def test_a_malformed_config_is_refused_naming_the_field(change, message):

@@ -95,6 +95,11 @@ def test_a_qwen3_vl_model_trains_its_modules_and_answers_a_job_on_s3(on_s3, tiny
         (None, "[]", "--glimpse .*: its config.json is not a JSON object"),
         (None, "negative layer", "--glimpse .*: the glimpse config's selected_layers is not a list of layer indices"),
         (None, "text_config list", "--glimpse .*: the glimpse config's text_config is not an object"),
+        (
+            '{"model_type": "qwen3_vl", "text_config": {"num_hidden_layers": "4"}}',
+            "fixture",
+            "--model .*: transformers cannot read its config.json: .*num_hidden_layers",
+        ),
     ],
 )
 def test_a_model_or_modules_the_engine_cannot_run_are_refused_before_ray(

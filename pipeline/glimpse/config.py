@@ -28,11 +28,31 @@ def _from_model(section: str, key: str, default: Any) -> Any:
     return field(default=default, metadata={_MODEL_CONFIG: (section, key)})
 
 
-def _zero_if_null(value: Any) -> int:
-    return int(value or 0)
+# Checks by field type, strict as JSON types are: "false" is not false, 2.7 is not a layer.
+def _whole(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(value)
+    return value
 
 
-# Conversions by field type; values of other types are kept as loaded.
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(value)
+    return float(value)
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(value)
+    return value
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(value)
+    return value
+
+
 def _layer_list(value: Any) -> list[int]:
     """A list of layer indices: whole numbers, none negative."""
     if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
@@ -40,8 +60,23 @@ def _layer_list(value: Any) -> list[int]:
     return list(value)
 
 
-_CONVERTERS = {int: int, float: float, bool: bool, list[int]: _layer_list}
-_KINDS = {int: "a whole number", float: "a number", bool: "true or false", list[int]: "a list of layer indices"}
+def _zero_if_null(value: Any) -> int:
+    return 0 if value is None else _whole(value)
+
+
+def _optional_number(value: Any) -> float | None:
+    return None if value is None else _number(value)
+
+
+_CONVERTERS = {int: _whole, float: _number, bool: _flag, str: _text, list[int]: _layer_list}
+_KINDS = {
+    int: "a whole number",
+    float: "a number",
+    bool: "true or false",
+    str: "a string",
+    list[int]: "a list of layer indices",
+    float | None: "a number or null",
+}
 
 
 @dataclass
@@ -66,7 +101,7 @@ class GlimpseConfig:
     deep_supervision: bool = False
     reduce_threshold: float = 0.5
     min_remain_num: int = field(default=0, metadata={"convert": _zero_if_null})  # null: no minimum
-    max_remain_ratio: float | None = None
+    max_remain_ratio: float | None = field(default=None, metadata={"convert": _optional_number})
     # The model-config fields the modules were built for (hidden size, heads, vision tower):
     # checked against the base model at load time, and not written back by `to_dict`.
     hidden_size: int = _from_model("text", "hidden_size", 0)
@@ -83,6 +118,17 @@ class GlimpseConfig:
     def __post_init__(self) -> None:
         if self.reduce_layer < 0:
             raise GlimpseConfigError(f"reduce_layer {self.reduce_layer} is negative")
+        for name in ("attn_fuse_size", "visual_cond_size", "attn_fuse_num_heads", "spatial_merge_size"):
+            if getattr(self, name) < 1:
+                raise GlimpseConfigError(f"{name} {getattr(self, name)} must be at least 1")
+        if not 0.0 <= self.reduce_threshold <= 1.0:
+            raise GlimpseConfigError(f"reduce_threshold {self.reduce_threshold} must be in [0, 1]")
+        if self.max_remain_ratio is not None and not 0.0 < self.max_remain_ratio <= 1.0:
+            raise GlimpseConfigError(f"max_remain_ratio {self.max_remain_ratio} must be in (0, 1] or null")
+        if self.min_remain_num < 0:
+            raise GlimpseConfigError(f"min_remain_num {self.min_remain_num} is negative")
+        if not self.attn_fuse_global and (self.vision_window_size < 1 or self.vision_patch_size < 1):
+            raise GlimpseConfigError("a windowed VIP (attn_fuse_global false) needs a positive window and patch size")
         anchors = self.raw.get("anchor_positions")
         if anchors:
             raise GlimpseConfigError(
@@ -188,6 +234,7 @@ def check_fits(config: GlimpseConfig, model_config) -> None:
         ("num_attention_heads", config.num_attention_heads, text.num_attention_heads),
         ("vision hidden_size", config.vision_hidden_size, vision.hidden_size),
         ("vision patch_size", config.vision_patch_size, vision.patch_size),
+        ("vision spatial_merge_size", config.spatial_merge_size, vision.spatial_merge_size),
     ):
         if ours != theirs:
             problems.append(f"{name}: modules were built for {ours}, the model has {theirs}")

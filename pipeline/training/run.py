@@ -79,8 +79,12 @@ def check(config: TrainConfig) -> Checked:
     model_config = transformers_config(raw, f"--model {config.model}")
     init = None
     if config.init_glimpse:
+        name = f"--init-glimpse {config.init_glimpse}"
         init = resolve_checkpoint(config.init_glimpse, None, config.storage, role="glimpse")
-        check_fits(GlimpseConfig.load(init.local_dir(config.storage)), model_config)
+        try:  # from its config.json alone: the weights are fetched by the workers
+            check_fits(GlimpseConfig.from_dict(init.config(config.storage, name)), model_config)
+        except GlimpseError as e:
+            raise CheckpointError(f"{name}: {e}") from None
     else:
         check_fits(fresh_config(config, model_config), model_config)
     _check_resumable(config, rows)
