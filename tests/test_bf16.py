@@ -15,13 +15,17 @@ from tests.conftest import FIXTURE, fixture_requests
 
 # Cases whose bf16 kept masks equal the release's exactly; the others differ by a token or two whose
 # logits are within ±0.06 of 0, where transformers 5.x's bf16 numerics (decoder, vision tower) differ
-# from 4.51's. Measured per-case Jaccard (c1..c5), CPU: batch 1: 1, 0.976, 1, 0.993, 1 (mean 0.9939);
-# all five in one batch: c2 0.965 (mean 0.9916). With the VIP's angles and the sigmoid in fp32 (the
-# old code) c2 was 0.965 alone and 0.954 batched (means 0.9916, 0.9893). The bounds below are those
-# measurements less under one token: re-measure them if the vision tower's or decoder's bf16 numerics change.
+# from 4.51's, and where CPU kernels differ by instruction set (torch's ATen CPU capability). Measured
+# per-case Jaccard (c1..c5), batch 1 / all five in one batch:
+#   AVX-512 machine: 1, 0.976, 1, 0.993, 1 (mean 0.9939) / c2 0.965 (mean 0.9916);
+#   AVX2 machine: 1, 0.976, 1, 0.986, 1 (mean 0.9924) / the same;
+#   ATEN_CPU_CAPABILITY=default: 1, 0.976, 1, 0.979, 1 (mean 0.9910) / c2 0.965 (mean 0.9887).
+# The exact cases stay exact on all three. The mean's bound holds across them, so it cannot tell the
+# release's bf16 VIP arithmetic from fp32 angles and sigmoid (mean 0.9916 batch 1 on AVX-512): the
+# tests below that compare the VIP's angles and the sigmoid with the release's formulas pin those.
 EXACT_CASES = {"c1", "c3", "c5"}
 MIN_CASE_JACCARD = 0.95
-MIN_MEAN_JACCARD = {1: 0.993, 5: 0.99}  # by batch size
+MIN_MEAN_JACCARD = {1: 0.985, 5: 0.985}  # by batch size
 
 
 def release_rotary(head_dim: int, grid_hw: list[tuple[int, int]], dtype: torch.dtype):

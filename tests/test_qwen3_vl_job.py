@@ -5,6 +5,7 @@ Parquet rows written to S3 and read back, with the costs of Qwen3-VL's own cost 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -21,6 +22,8 @@ from pipeline.synthetic.grounding import write_dataset
 from pipeline.training.run import check, run
 from tests.conftest import new_bucket
 from tests.test_training import small_config
+
+REPO = Path(__file__).parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +98,10 @@ def test_a_qwen3_vl_model_trains_its_modules_and_answers_a_job_on_s3(on_s3, tiny
         (None, "[]", "--glimpse .*: its config.json is not a JSON object"),
         (None, "negative layer", "--glimpse .*: the glimpse config's selected_layers is not a list of layer indices"),
         (None, "text_config list", "--glimpse .*: the glimpse config's text_config is not an object"),
+        (None, "null model_type", "--glimpse .*: vision patch_size: modules were built for 14, the model has 16"),
+        (None, "list model_type", "--glimpse .*: the modules' model_type \\['qwen3_vl'\\] is not a string"),
+        (None, "unknown activation", "--glimpse .*: attn_fuse_hidden_act 'os.system' is not an activation"),
+        (None, "window under a token", "--glimpse .*: a windowed VIP .* window_size 16 px is under 2 × 14 px"),
         (
             '{"model_type": "qwen3_vl", "text_config": {"num_hidden_layers": "4"}}',
             "fixture",
@@ -126,6 +133,29 @@ def test_a_model_or_modules_the_engine_cannot_run_are_refused_before_ray(
     assert not (tmp_path / "out").exists()
 
 
+def test_transformers_warnings_on_a_model_config_do_not_add_lines_to_a_refusal(tiny_qwen3_checkpoint, tmp_path):
+    """A Qwen3-VL config relabelled as Qwen2.5-VL: transformers warns of the rope keys it does not know
+    while the driver reads it (once per process, hence a process of its own); the refusal stays one line."""
+    import subprocess
+    import sys
+
+    from tests.conftest import FIXTURE
+
+    relabelled = tmp_path / "relabelled"
+    relabelled.mkdir()
+    config = json.loads((tiny_qwen3_checkpoint / "base" / "config.json").read_text())
+    (relabelled / "config.json").write_text(json.dumps(config | {"model_type": "qwen2_5_vl"}))
+    options = ["--model", str(relabelled), "--glimpse", str(FIXTURE / "glimpse"), "--output", str(tmp_path / "out")]
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.vqa", *options], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"error: --glimpse {FIXTURE / 'glimpse'}: glimpse modules do not fit the model: "
+        "vision patch_size: modules were built for 14, the model has 16"
+    ]
+
+
 def _modules(published, change: str, tmp_path):
     """The release's modules, or a copy whose config.json is changed as `change` says."""
     import shutil
@@ -139,6 +169,12 @@ def _modules(published, change: str, tmp_path):
         "[]": lambda c: [],
         "negative layer": lambda c: c | {"selected_layers": [-1]},
         "text_config list": lambda c: c | {"text_config": [1, 2]},
+        "null model_type": lambda c: c | {"model_type": None},
+        "list model_type": lambda c: c | {"model_type": ["qwen3_vl"]},
+        "unknown activation": lambda c: c | {"attn_fuse_hidden_act": "os.system"},
+        "window under a token": lambda c: (
+            c | {"attn_fuse_global": False, "vision_config": c["vision_config"] | {"window_size": 16}}
+        ),
     }[change](config)
     (modules / "config.json").write_text(json.dumps(changed))
     return modules

@@ -127,8 +127,13 @@ class GlimpseConfig:
             raise GlimpseConfigError(f"max_remain_ratio {self.max_remain_ratio} must be in (0, 1] or null")
         if self.min_remain_num < 0:
             raise GlimpseConfigError(f"min_remain_num {self.min_remain_num} is negative")
-        if not self.attn_fuse_global and (self.vision_window_size < 1 or self.vision_patch_size < 1):
-            raise GlimpseConfigError("a windowed VIP (attn_fuse_global false) needs a positive window and patch size")
+        if not self.attn_fuse_global and self.window_cells < 1:
+            raise GlimpseConfigError(
+                f"a windowed VIP (attn_fuse_global false) needs windows of at least one merged token: "
+                f"window_size {self.vision_window_size} px is under {self.spatial_merge_size} × "
+                f"{self.vision_patch_size} px"
+            )
+        _check_activation(self.attn_fuse_hidden_act)
         anchors = self.raw.get("anchor_positions")
         if anchors:
             raise GlimpseConfigError(
@@ -213,9 +218,26 @@ class GlimpseConfig:
         return out
 
     @property
+    def window_cells(self) -> int:
+        """A windowed VIP's window side in merged tokens (the vision config's window, in pixels)."""
+        if self.vision_patch_size < 1:
+            return 0
+        return self.vision_window_size // self.spatial_merge_size // self.vision_patch_size
+
+    @property
     def num_attention_features(self) -> int:
         """A: the width of the attention features the VIP reads (selected layers × heads)."""
         return len(self.selected_layers) * self.num_attention_heads
+
+
+def _check_activation(name: str) -> None:
+    """The VIP's activation must be one transformers has (imported here: torch comes with it)."""
+    from transformers.activations import ACT2FN
+
+    if name not in ACT2FN:
+        raise GlimpseConfigError(
+            f"attn_fuse_hidden_act {name!r:.40} is not an activation transformers has (e.g. 'silu', 'gelu')"
+        )
 
 
 def check_fits(config: GlimpseConfig, model_config) -> None:
@@ -225,9 +247,13 @@ def check_fits(config: GlimpseConfig, model_config) -> None:
     text = getattr(model_config, "text_config", model_config)
     vision = model_config.vision_config
     problems = []
-    built_for = str(config.raw.get("model_type", "")).removesuffix("_gp")  # the release saves "qwen2_5_vl_gp"
-    if built_for and built_for != model_config.model_type:
-        problems.append(f"trained on a {built_for} model, this is a {model_config.model_type} model")
+    built_for = config.raw.get("model_type") or ""  # absent or null: told apart by the patch size below
+    if not isinstance(built_for, str):
+        problems.append(f"the modules' model_type {built_for!r:.40} is not a string")
+    elif built_for.removesuffix("_gp") not in ("", model_config.model_type):  # the release saves "qwen2_5_vl_gp"
+        problems.append(
+            f"trained on a {built_for.removesuffix('_gp')} model, this is a {model_config.model_type} model"
+        )
     for name, ours, theirs in (
         ("hidden_size", config.hidden_size, text.hidden_size),
         ("num_hidden_layers", config.num_hidden_layers, text.num_hidden_layers),

@@ -123,7 +123,7 @@ class VisualTokenImportancePredictor(nn.Module):
     def segments(self, grid_hw: list[tuple[int, int]], device) -> list[tuple[int, int, torch.Tensor | None]]:
         """Attention groups: each image whole (global), or each image's vision windows (local)."""
         out, start = [], 0
-        win = self.config.vision_window_size // self.config.spatial_merge_size // self.config.vision_patch_size
+        win = self.config.window_cells
         for h, w in grid_hw:
             mask = None
             if not self.config.attn_fuse_global:
