@@ -6,13 +6,14 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import psutil
@@ -55,6 +56,7 @@ def own_cluster():
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its process group is this cluster's processes, and only them
     )
     address = f"http://127.0.0.1:{dashboard}"
     try:
@@ -62,7 +64,13 @@ def own_cluster():
         yield address, env
     finally:
         head.terminate()
-        head.wait(timeout=60)
+        try:
+            head.wait(timeout=5)  # a graceful stop can take half a minute; these tests do not test it
+        except subprocess.TimeoutExpired:
+            pass
+        with suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)  # agents whose names no longer show the temp directory
+        head.wait()
         left = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
         for process in left:  # the cluster's own stragglers only: they name its temp directory
             process.kill()

@@ -128,7 +128,8 @@ def expected_answers():
 def test_a_driver_killed_anywhere_is_resumed_to_each_id_once(ray_session, s3, tmp_path, where, expected_answers):
     """Kill the driver before any work, after writing, half-way through publishing, and after the
     end; then a changed configuration is refused, the same one finishes the work, every id is
-    in the output once with the answer it gets alone, and nothing beside the output is touched."""
+    in the output once with the answer it gets alone, and nothing beside the output is touched.
+    On S3 only the two points that leave a half-done output there (each kill costs a Ray start)."""
     options, fs = s3
     rows = write_fixture_manifest(tmp_path / "manifest.parquet", copies=4)  # 20 rows: 5 files of 4
     if where == "local":
@@ -148,7 +149,8 @@ def test_a_driver_killed_anywhere_is_resumed_to_each_id_once(ray_session, s3, tm
         manifest=str(tmp_path / "manifest.parquet"), output=output, rows_per_block=4, prepare_batch_size=4, **MODEL
     )
     config = JobConfig(**job, storage=options if where == "s3" else {})
-    for point in ["started", "written", "published 1", "finished"]:
+    points = ["started", "written", "published 1", "finished"] if where == "local" else ["written", "published 1"]
+    for point in points:
         killed = subprocess.run(
             job_command({**job, **storage}, "--overwrite"),
             cwd=REPO,
@@ -430,7 +432,7 @@ def test_a_job_whose_rows_fail_past_the_budget_exits_non_zero_with_its_summary(r
 
 
 def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
-    write_fixture_manifest(tmp_path / "m.parquet", copies=8)
+    write_fixture_manifest(tmp_path / "m.parquet", copies=4)
     job = dict(
         manifest=str(tmp_path / "m.parquet"), output=str(tmp_path / "out"), rows_per_block=4, prepare_batch_size=4
     )

@@ -196,16 +196,16 @@ def finished_rows(directory: Path) -> int:
 
 
 def test_an_interrupted_job_resumes_and_holds_each_id_once(ray_session, tmp_path):
-    rows = write_fixture_manifest(tmp_path / "manifest.parquet", copies=8)
+    rows = write_fixture_manifest(tmp_path / "manifest.parquet", copies=4)
     out = tmp_path / "out"
-    # Blocks of 4 rows, not merged into bigger preparation batches: 10 output files, one at a time.
+    # Blocks of 4 rows, not merged into bigger preparation batches: 5 output files, one at a time.
     options = dict(
         manifest=str(tmp_path / "manifest.parquet"), output=str(out), rows_per_block=4, prepare_batch_size=4, **MODEL
     )
     command = [sys.executable, "-m", "jobs.vqa", "--progress-interval-s", "1"]
     for name, value in options.items():
         command += [f"--{name.replace('_', '-')}", str(value)]
-    # Slowed batches (0.5 s each, 10 of them) leave seconds between the first file and the last.
+    # Slowed batches (0.5 s each, 5 of them) leave seconds between the first file and the last.
     env = {**os.environ, FAULTS_ENV: json.dumps({"batch_delay_s": 0.5})}
     driver = subprocess.Popen(
         command, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL

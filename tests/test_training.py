@@ -59,7 +59,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_and_publishes_loadable_mo
     grounding, tiny_checkpoint, tmp_path
 ):
     out = tmp_path / "run"
-    command = train_command(grounding, tiny_checkpoint / "base", out, "--steps", "30", "--checkpoint-every", "2")
+    command = train_command(grounding, tiny_checkpoint / "base", out, "--steps", "14", "--checkpoint-every", "2")
     command += ["--log-every", "1"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     first = subprocess.Popen(
@@ -80,15 +80,15 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_and_publishes_loadable_mo
     resumed = [line for line in second.stderr.splitlines() if line.startswith("resuming at step")]
     assert resumed, second.stderr[-2000:]
     resumed_step = int(resumed[0].split()[3])
-    assert 4 <= resumed_step < 30
+    assert 4 <= resumed_step < 14
 
     summary = json.loads((out / "_train_summary.json").read_text())
     history = summary["history"]
-    assert [h["step"] for h in history] == list(range(1, 31))  # nothing repeated, nothing lost
-    assert summary["examples_consumed"] == 60 and summary["steps"] == 30
+    assert [h["step"] for h in history] == list(range(1, 15))  # nothing repeated, nothing lost
+    assert summary["examples_consumed"] == 28 and summary["steps"] == 14
     # The data position went on where the checkpoint left it: every example read exactly once, in order.
     spans = [h["positions"] for h in history]
-    assert spans == [[2 * i, 2 * i + 1] for i in range(30)]
+    assert spans == [[2 * i, 2 * i + 1] for i in range(14)]
     assert np.isfinite([h["loss"] for h in history]).all()
     assert summary["init"] == "fresh" and summary["failed_rows"] == 0
 
