@@ -263,12 +263,13 @@ def transformers_config(raw: dict, name: str):
 
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()  # its warnings on odd keys would make a refusal two lines
-    with tempfile.TemporaryDirectory() as directory:
-        (Path(directory) / CONFIG_FILE).write_text(json.dumps(raw))
-        try:
-            return AutoConfig.from_pretrained(directory)
-        except Exception as e:  # transformers raises many kinds on a config it cannot use
-            reason = " ".join(str(e).split())  # one line: some of transformers' messages span several
-            raise CheckpointError(f"{name}: transformers cannot read its {CONFIG_FILE}: {reason}") from None
-        finally:
-            transformers_logging.set_verbosity(verbosity)
+    try:
+        with tempfile.TemporaryDirectory() as directory:
+            (Path(directory) / CONFIG_FILE).write_text(json.dumps(raw))
+            try:
+                return AutoConfig.from_pretrained(directory)
+            except Exception as e:  # transformers raises many kinds on a config it cannot use
+                reason = " ".join(str(e).split())  # one line: some of transformers' messages span several
+                raise CheckpointError(f"{name}: transformers cannot read its {CONFIG_FILE}: {reason}") from None
+    finally:
+        transformers_logging.set_verbosity(verbosity)

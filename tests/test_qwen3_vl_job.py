@@ -5,7 +5,6 @@ Parquet rows written to S3 and read back, with the costs of Qwen3-VL's own cost 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -22,8 +21,6 @@ from pipeline.synthetic.grounding import write_dataset
 from pipeline.training.run import check, run
 from tests.conftest import new_bucket
 from tests.test_training import small_config
-
-REPO = Path(__file__).parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -136,19 +133,15 @@ def test_a_model_or_modules_the_engine_cannot_run_are_refused_before_ray(
 def test_transformers_warnings_on_a_model_config_do_not_add_lines_to_a_refusal(tiny_qwen3_checkpoint, tmp_path):
     """A Qwen3-VL config relabelled as Qwen2.5-VL: transformers warns of the rope keys it does not know
     while the driver reads it (once per process, hence a process of its own); the refusal stays one line."""
-    import subprocess
-    import sys
-
     from tests.conftest import FIXTURE
+    from tests.test_job_conventions import run_job
 
     relabelled = tmp_path / "relabelled"
     relabelled.mkdir()
     config = json.loads((tiny_qwen3_checkpoint / "base" / "config.json").read_text())
     (relabelled / "config.json").write_text(json.dumps(config | {"model_type": "qwen2_5_vl"}))
     options = ["--model", str(relabelled), "--glimpse", str(FIXTURE / "glimpse"), "--output", str(tmp_path / "out")]
-    done = subprocess.run(
-        [sys.executable, "-m", "jobs.vqa", *options], capture_output=True, text=True, timeout=120, cwd=REPO
-    )
+    done, _ = run_job(options, tmp_path)
     assert done.returncode == 2
     assert done.stderr.splitlines() == [
         f"error: --glimpse {FIXTURE / 'glimpse'}: glimpse modules do not fit the model: "

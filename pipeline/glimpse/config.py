@@ -250,10 +250,8 @@ def check_fits(config: GlimpseConfig, model_config) -> None:
     built_for = config.raw.get("model_type") or ""  # absent or null: told apart by the patch size below
     if not isinstance(built_for, str):
         problems.append(f"the modules' model_type {built_for!r:.40} is not a string")
-    elif built_for.removesuffix("_gp") not in ("", model_config.model_type):  # the release saves "qwen2_5_vl_gp"
-        problems.append(
-            f"trained on a {built_for.removesuffix('_gp')} model, this is a {model_config.model_type} model"
-        )
+    elif (family := built_for.removesuffix("_gp")) not in ("", model_config.model_type):  # the release's "…_gp"
+        problems.append(f"trained on a {family} model, this is a {model_config.model_type} model")
     for name, ours, theirs in (
         ("hidden_size", config.hidden_size, text.hidden_size),
         ("num_hidden_layers", config.num_hidden_layers, text.num_hidden_layers),
